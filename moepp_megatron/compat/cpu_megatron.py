@@ -1,0 +1,80 @@
+"""CPU mode, part 3: targeted fixes inside megatron-core 0.16.1.
+
+Applied by :func:`moepp_megatron.compat.cpu.enable_cpu_mode` only (after cpu_cuda/cpu_rng).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .cpu_cuda import report_cuda_tensor_types
+
+
+def _with_cuda_type_names(fn):
+    """Run ``fn`` with ``Tensor.type()`` reporting 'torch.cuda.*' names (see cpu_cuda)."""
+    if getattr(fn, "_moepp_cpu_wrapped", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with report_cuda_tensor_types():
+            return fn(*args, **kwargs)
+
+    wrapper._moepp_cpu_wrapped = True
+    return wrapper
+
+
+def _fix_te_general_gemm() -> None:
+    # moe_utils only defines te_general_gemm when Transformer Engine imports, but the router
+    # gating GEMM (RouterGatingLinearFunction, moe_router_dtype='fp32'/'fp64') tests
+    # `te_general_gemm is not None` -> NameError without TE (fixed upstream after 0.16.1).
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _fix_alltoall_split_sizes() -> None:
+    # The alltoall dispatcher moves its split sizes to host with
+    # maybe_move_tensor_to_cpu(..., as_numpy=True), which only converts CUDA tensors. On CPU
+    # the splits stay torch tensors and all_to_all_single rejects tensors as split sizes
+    # (it needs a sequence of ints). Convert host tensors as the GPU path would.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    orig = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(orig, "_moepp_cpu_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        out = orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        if as_numpy and hasattr(out, "numpy") and out.device.type == "cpu":
+            out = out.numpy()
+        return out
+
+    maybe_move_tensor_to_cpu._moepp_cpu_wrapped = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _fix_cuda_tensor_type_checks() -> None:
+    # `param.type() == 'torch.cuda.FloatTensor'` checks (and the fp16/bf16 variants) reject CPU
+    # params: DistributedOptimizer (param groups and __init__), Float16OptimizerWithFloat16Params
+    # and clip_grad_by_total_norm_fp32 (assert). Let Tensor.type() report CUDA names inside them.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    dopt = distrib_optimizer.DistributedOptimizer
+    build = dopt.__dict__["_build_model_and_main_param_groups"].__func__
+    dopt._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build))
+    dopt.__init__ = _with_cuda_type_names(dopt.__init__)
+    f16 = optimizer.Float16OptimizerWithFloat16Params
+    f16.__init__ = _with_cuda_type_names(f16.__init__)
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
+def apply() -> None:
+    _fix_te_general_gemm()
+    _fix_alltoall_split_sizes()
+    _fix_cuda_tensor_type_checks()

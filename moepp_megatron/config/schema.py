@@ -1,0 +1,133 @@
+"""The typed configuration tree: one dataclass per component.
+
+A run is described by one YAML file (see ``configs/``) that maps onto :class:`RunConfig`.
+Components receive only the section they use (the model builder gets ``ModelConfig`` and
+``ParallelConfig``, never the whole run), so a field's reach is visible from its type.
+Checks that need only one section live in its ``__post_init__``; the checks that need
+megatron's view of the model live in :mod:`moepp_megatron.moepp.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field_name}: {message}")
+
+
+@dataclass
+class MoEConfig:
+    """The expert layers. ``method: vanilla`` is the baseline: no ZC experts, stock router."""
+
+    method: Literal["moepp", "vanilla"] = "moepp"
+    num_ffn_experts: int = 8
+    ffn_hidden_size: int = 2048
+    topk: int = 2
+    num_zero_experts: int = 1
+    num_copy_experts: int = 1
+    num_constant_experts: int = 2
+    tau: float = 0.75
+    router: Literal["linear", "mlp"] = "linear"
+    routing: Literal["paper", "release"] = "paper"
+    gating_residual: bool = True
+    # gamma of Eq. 8; null means dropless.
+    capacity_factor: Optional[float] = None
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: Optional[float] = None
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    grouped_gemm: bool = False
+    # 1 = every layer is an expert layer; a list of 0/1 per layer mixes in dense layers.
+    layer_freq: int | list[int] = 1
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("moepp", "vanilla"), "model.moe.method", "must be moepp or vanilla")
+        _require(self.num_ffn_experts >= 1, "model.moe.num_ffn_experts", "must be >= 1")
+        for name in ("num_zero_experts", "num_copy_experts", "num_constant_experts"):
+            _require(getattr(self, name) >= 0, f"model.moe.{name}", "must be >= 0")
+        _require(self.topk >= 1, "model.moe.topk", "must be >= 1")
+        _require(self.tau > 0, "model.moe.tau", f"must be > 0, got {self.tau}")
+        _require(self.router in ("linear", "mlp"), "model.moe.router", "must be linear or mlp")
+        _require(self.routing in ("paper", "release"), "model.moe.routing", "must be paper or release")
+        _require(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            "model.moe.capacity_factor",
+            "must be > 0 or null (dropless)",
+        )
+
+    @property
+    def num_zc_experts(self) -> int:
+        if self.method == "vanilla":
+            return 0
+        return self.num_zero_experts + self.num_copy_experts + self.num_constant_experts
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, no biases, untied embeddings)."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    head_dim: int = 64
+    num_query_groups: Optional[int] = None
+    # FFN size of dense layers (those that layer_freq leaves without experts).
+    ffn_hidden_size: int = 2048
+    seq_length: int = 2048
+    # Padded up for tensor parallelism by the builder; the tokenizer sets it in training runs.
+    vocab_size: int = 32000
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "head_dim", "seq_length"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        groups = self.num_query_groups or self.num_attention_heads
+        _require(
+            self.num_attention_heads % groups == 0,
+            "model.num_query_groups",
+            f"{groups} does not divide num_attention_heads={self.num_attention_heads}",
+        )
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. The product tensor * pipeline * data must equal the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    virtual_pipeline: Optional[int] = None
+    sequence_parallel: bool = False
+    # Activation recomputation: null, "full" or "selective" (then recompute_modules applies).
+    recompute: Optional[Literal["full", "selective"]] = None
+    recompute_modules: list[str] = field(default_factory=lambda: ["moe"])
+    # Run on CPU with gloo (development and tests). Refused when CUDA is available.
+    cpu_mode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "expert"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        _require(
+            self.recompute in (None, "full", "selective"),
+            "parallel.recompute",
+            "must be null, full or selective",
+        )
+        _require(
+            not (self.sequence_parallel and self.tensor == 1),
+            "parallel.sequence_parallel",
+            "needs parallel.tensor > 1",
+        )
+
+
+@dataclass
+class RunConfig:
+    """Everything a job needs. Later sections (training, data, checkpointing) join here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234

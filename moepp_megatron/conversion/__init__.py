@@ -1,0 +1,1 @@
+"""Conversion between megatron and Hugging Face (model_type "MoE++") weight layouts."""

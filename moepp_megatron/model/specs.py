@@ -1,0 +1,41 @@
+"""Layer specs: megatron's GPT decoder specs with the MoE++ modules swapped in."""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from moepp_megatron.moepp.config import MoEPPTransformerConfig
+from moepp_megatron.moepp.layer import MoEPPLayer
+from moepp_megatron.moepp.router import MoEPPRouter
+from moepp_megatron.moepp.transformer_layer import MoEPPTransformerLayer
+
+
+def decoder_block_spec(
+    config: TransformerConfig, use_transformer_engine: bool, vp_stage=None, pp_rank=None
+) -> TransformerBlockSubmodules:
+    """The decoder spec for this pipeline stage; expert layers become MoE++ layers when
+    ``config`` is an :class:`MoEPPTransformerConfig` (else the stock vanilla MoE stays)."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    if not isinstance(config, MoEPPTransformerConfig):
+        return block
+    # The list holds references to the same spec objects: copy before editing.
+    block.layer_specs = [_as_moepp(spec) for spec in block.layer_specs]
+    return block
+
+
+def _as_moepp(layer_spec):
+    mlp = layer_spec.submodules.mlp
+    if mlp.module is not MoELayer:
+        return layer_spec
+    layer_spec = copy.deepcopy(layer_spec)
+    layer_spec.module = MoEPPTransformerLayer
+    layer_spec.submodules.mlp.module = MoEPPLayer
+    layer_spec.submodules.mlp.submodules.router = MoEPPRouter
+    return layer_spec

@@ -1,0 +1,197 @@
+"""Multi-process test harness (CPU + gloo).
+
+``run_distributed(fn, world_size, *args, **kwargs)`` spawns ``world_size`` processes with the
+torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) plus
+``MOEPP_CPU_MODE=1``, runs ``fn(*args, **kwargs)`` in each and returns the return values ordered
+by rank. ``fn`` must be a picklable top-level function; its return value must be picklable
+(tensors are copied, not shared). A failing rank raises :class:`DistributedTestError` in the
+parent with that rank's traceback; a run that exceeds ``timeout`` seconds is killed and raises
+:class:`DistributedTestTimeout`. All processes (and anything they started) are killed before
+``run_distributed`` returns or raises.
+
+Example::
+
+    def _worker(x):
+        from moepp_megatron.parallel.initialize import initialize_parallel
+        initialize_parallel(expert_parallel=2)
+        ...
+        return {"loss": loss.detach()}
+
+    def test_something():
+        results = run_distributed(_worker, 2, 3.0)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+__all__ = ["run_distributed", "find_free_port", "DistributedTestError", "DistributedTestTimeout"]
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class DistributedTestError(RuntimeError):
+    """A rank raised (or died); the message holds its traceback."""
+
+
+class DistributedTestTimeout(DistributedTestError, TimeoutError):
+    """The run did not finish in time; all processes were killed."""
+
+
+def find_free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank: int, world_size: int, port: int, results, args, kwargs) -> None:
+    # Own process group, so the parent can kill this rank together with anything it spawned
+    # (e.g. the multiprocessing manager that dist_checkpointing starts).
+    try:
+        os.setpgrp()
+    except OSError:
+        pass
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        MOEPP_CPU_MODE="1",
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set / parallel work already started
+    try:
+        value = fn(*args, **kwargs)
+        payload = pickle.dumps(value)  # plain pickle: tensors are copied, not shared memory
+        results.put((rank, True, payload))
+    except BaseException as exc:  # noqa: BLE001 - report everything to the parent
+        tb = traceback.format_exc()
+        results.put((rank, False, f"{type(exc).__name__}: {exc}\n{tb}"))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+def _kill(proc) -> None:
+    if proc.pid is None:
+        return
+    if proc.is_alive():
+        try:
+            # Only kill the group when the child has become its leader (see _child).
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.join(timeout=10)
+    if proc.is_alive():  # pragma: no cover - should not happen after SIGKILL
+        proc.kill()
+        proc.join(timeout=10)
+
+
+def _reap_group(pid: int) -> None:
+    # A rank that exited normally may leave helpers in its process group; kill them.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **kwargs: Any,
+) -> list:
+    """Run ``fn(*args, **kwargs)`` in ``world_size`` fresh processes; return values by rank.
+
+    Raises:
+        DistributedTestError: a rank raised or died (message: that rank's traceback).
+        DistributedTestTimeout: not all ranks finished within ``timeout`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = find_free_port()
+    procs = []
+    values: dict[int, Any] = {}
+    try:
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_child,
+                args=(fn, rank, world_size, port, results, args, kwargs),
+                name=f"rank{rank}",
+                daemon=False,  # ranks may start helper processes (dist-ckpt manager)
+            )
+            p.start()
+            procs.append(p)
+
+        deadline = time.monotonic() + timeout
+        while len(values) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(values))
+                raise DistributedTestTimeout(
+                    f"{getattr(fn, '__name__', fn)}: ranks {missing} did not finish within "
+                    f"{timeout:.0f} s (hang?); all {world_size} processes were killed"
+                )
+            try:
+                rank, ok, payload = results.get(timeout=min(0.5, remaining))
+            except queue.Empty:
+                for rank, p in enumerate(procs):
+                    if rank not in values and p.exitcode is not None:
+                        # Exited without reporting; the queue may still be flushing.
+                        try:
+                            rank, ok, payload = results.get(timeout=2.0)
+                            break
+                        except queue.Empty:
+                            raise DistributedTestError(
+                                f"{getattr(fn, '__name__', fn)}: rank {rank} died with exit "
+                                f"code {p.exitcode} without reporting a result"
+                            ) from None
+                else:
+                    continue
+            if not ok:
+                raise DistributedTestError(
+                    f"{getattr(fn, '__name__', fn)}: rank {rank} of {world_size} failed:\n"
+                    f"{payload}"
+                )
+            values[rank] = pickle.loads(payload)
+
+        for p in procs:
+            p.join(timeout=max(5.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            _kill(p)
+            if p.pid is not None:
+                _reap_group(p.pid)
+        results.close()
+        results.join_thread()
+    return [values[r] for r in range(world_size)]

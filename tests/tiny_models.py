@@ -1,0 +1,80 @@
+"""Tiny model configs shared by tests, and their plain-PyTorch reference counterparts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moepp_megatron.config.schema import ModelConfig, MoEConfig
+from moepp_megatron.conversion.hf_names import megatron_to_hf
+from tests.reference.moepp_reference import RefConfig
+
+
+def tiny_model(num_layers: int = 2, **moe_fields) -> ModelConfig:
+    """4 FFN + (2 constant, 1 copy, 1 zero) experts, D=32: small enough for loops in tests."""
+    moe = MoEConfig(num_ffn_experts=4, ffn_hidden_size=24, **moe_fields)
+    return ModelConfig(
+        num_layers=num_layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        head_dim=8,
+        num_query_groups=2,
+        ffn_hidden_size=40,
+        seq_length=16,
+        vocab_size=64,
+        moe=moe,
+    )
+
+
+def reference_config(model: ModelConfig) -> RefConfig:
+    moe = model.moe
+    layer_freq = moe.layer_freq
+    moe_layers = (
+        [bool(flag) for flag in layer_freq]
+        if isinstance(layer_freq, list)
+        else [i % layer_freq == 0 for i in range(model.num_layers)]
+    )
+    return RefConfig(
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_attention_heads,
+        head_dim=model.head_dim,
+        num_kv_heads=model.num_query_groups,
+        ffn_hidden_size=moe.ffn_hidden_size,
+        dense_ffn_hidden_size=model.ffn_hidden_size,
+        num_ffn_experts=moe.num_ffn_experts,
+        num_zero=moe.num_zero_experts,
+        num_copy=moe.num_copy_experts,
+        num_constant=moe.num_constant_experts,
+        topk=moe.topk,
+        router=moe.router,
+        gating_residual=moe.gating_residual,
+        routing=moe.routing,
+        tau=moe.tau,
+        capacity_factor=moe.capacity_factor,
+        rms_norm_eps=model.norm_eps,
+        rope_theta=model.rope_base,
+        moe_layers=moe_layers,
+        vanilla=moe.method == "vanilla",
+    )
+
+
+def reference_weights(module: torch.nn.Module, model: ModelConfig, prefix: str = "") -> dict:
+    """The module's parameters under HF names, as fresh leaf tensors that require grad."""
+    state = {prefix + name: p.detach().clone() for name, p in module.named_parameters()}
+    return {name: t.requires_grad_() for name, t in megatron_to_hf(state, model).items()}
+
+
+def hf_grads(module: torch.nn.Module, model: ModelConfig, prefix: str = "") -> dict:
+    """The module's parameter gradients under HF names (zeros for params without grad)."""
+    grads = {
+        prefix + name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        for name, p in module.named_parameters()
+    }
+    return megatron_to_hf(grads, model)
+
+
+def with_moe(model: ModelConfig, **moe_fields) -> ModelConfig:
+    return dataclasses.replace(model, moe=dataclasses.replace(model.moe, **moe_fields))
