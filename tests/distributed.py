@@ -135,6 +135,7 @@ def run_distributed(
         DistributedTestError: a rank raised or died (message: that rank's traceback).
         DistributedTestTimeout: not all ranks finished within ``timeout`` seconds.
     """
+    __tracebackhide__ = True  # pytest: show the rank's traceback, not this loop
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")

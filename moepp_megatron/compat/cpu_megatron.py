@@ -74,7 +74,38 @@ def _fix_cuda_tensor_type_checks() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip
 
 
+def _fix_torch_norm_sequence_parallel() -> None:
+    # Without Apex/TE (always the case on CPU) the local spec's norm is WrappedTorchNorm, which
+    # asserts `not config.sequence_parallel`; MoE with TP>1 requires SP. The assert only exists
+    # because torch norms do not tag their params: build the norm with SP masked and tag the
+    # params `sequence_parallel=True` like FusedLayerNorm/TE norms do, so finalize_model_grads
+    # all-reduces their grads over TP.
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    orig_new = WrappedTorchNorm.__new__
+    if getattr(orig_new, "_moepp_cpu_wrapped", False):
+        return
+
+    @functools.wraps(orig_new)
+    def __new__(cls, config, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        if not sequence_parallel:
+            return orig_new(cls, config, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = orig_new(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", True)
+        return norm
+
+    __new__._moepp_cpu_wrapped = True
+    WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
 def apply() -> None:
+    _fix_torch_norm_sequence_parallel()
     _fix_te_general_gemm()
     _fix_alltoall_split_sizes()
     _fix_cuda_tensor_type_checks()

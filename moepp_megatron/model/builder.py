@@ -74,9 +74,16 @@ def transformer_config(
         moe_layer_freq=moe.layer_freq,
     )
     if moe.method == "vanilla":
-        return TransformerConfig(**common, moe_expert_capacity_factor=moe.capacity_factor)
+        return TransformerConfig(
+            **common,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            # megatron's default (top-k, then softmax over the k) needs pre-softmax at k=1.
+            moe_router_pre_softmax=moe.topk == 1,
+        )
     return MoEPPTransformerConfig(
         **common,
+        # MoE++ takes the softmax over all N experts before top-k (as pre-softmax does).
+        moe_router_pre_softmax=True,
         moepp_num_zero_experts=moe.num_zero_experts,
         moepp_num_copy_experts=moe.num_copy_experts,
         moepp_num_constant_experts=moe.num_constant_experts,

@@ -10,7 +10,6 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
-    clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
 )
 
@@ -35,7 +34,7 @@ def build_moepp_layer(model):
 
 
 def run_megatron(layer, x_SBD, residual_SBN):
-    clear_aux_losses_tracker()
+    get_moe_layer_wise_logging_tracker().clear()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     x_SBD = x_SBD.clone().requires_grad_()
     residual = None if residual_SBN is None else residual_SBN.clone().requires_grad_()

@@ -1,0 +1,76 @@
+"""Routing statistics of MoE++ layers, for the training log.
+
+Each :class:`MoEPPRouter` counts, during training forwards, the tokens it routed and the
+assignments per expert before (picked) and after (kept) capacity dropping. Reading the
+statistics sums those counters over ``reduce_group`` (the ranks that saw different
+tokens: data parallel, and tensor parallel under sequence parallelism) and resets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moepp_megatron.moepp.router import MoEPPRouter
+
+
+@dataclass
+class LayerRoutingStats:
+    layer: int
+    tokens: int
+    # Average number of FFN experts that actually processed a token (after dropping).
+    ffn_experts_per_token: float
+    # Share of all top-k slots (tokens * k) kept by each ZC expert type.
+    zc_share: dict[str, float]
+    # Kept assignments per expert (router column order) over all kept assignments.
+    expert_load: list[float]
+    # max / mean load over the FFN experts (1.0 = perfectly balanced).
+    ffn_load_imbalance: float
+    # Fraction of picked assignments dropped by the capacity limit.
+    dropped_fraction: float
+
+
+def collect_routing_statistics(
+    model: torch.nn.Module, reduce_group: dist.ProcessGroup | None = None, reset: bool = True
+) -> list[LayerRoutingStats]:
+    """Statistics of every MoE++ layer in ``model`` since the last reset, by layer number."""
+    stats = []
+    for router in (m for m in model.modules() if isinstance(m, MoEPPRouter)):
+        counts = torch.cat(
+            [router.routed_tokens.view(1), router.picked_per_expert, router.kept_per_expert]
+        )
+        if reduce_group is not None:
+            dist.all_reduce(counts, group=reduce_group)
+        if reset:
+            for buffer in (router.routed_tokens, router.picked_per_expert, router.kept_per_expert):
+                buffer.zero_()
+        stats.append(_summarise(router, counts.cpu().double()))
+    return sorted(stats, key=lambda s: s.layer)
+
+
+def _summarise(router: MoEPPRouter, counts: torch.Tensor) -> LayerRoutingStats:
+    c = router.config
+    num_experts, num_ffn = c.moepp_num_experts, c.num_moe_experts
+    tokens = counts[0]
+    picked, kept = counts[1 : 1 + num_experts], counts[1 + num_experts :]
+    slots = max(tokens.item() * router.topk, 1.0)
+    zc_kept = kept[num_ffn:]
+    ends = torch.tensor(
+        [c.moepp_num_constant_experts, c.moepp_num_copy_experts, c.moepp_num_zero_experts]
+    ).cumsum(0)
+    zc_share = {
+        kind: zc_kept[start:end].sum().item() / slots
+        for kind, start, end in zip(("constant", "copy", "zero"), [0, *ends[:-1].tolist()], ends.tolist())
+    }
+    ffn_kept = kept[:num_ffn]
+    return LayerRoutingStats(
+        layer=router.layer_number,
+        tokens=int(tokens.item()),
+        ffn_experts_per_token=ffn_kept.sum().item() / max(tokens.item(), 1.0),
+        zc_share=zc_share,
+        expert_load=(kept / kept.sum().clamp_min(1.0)).tolist(),
+        ffn_load_imbalance=(ffn_kept.max() / ffn_kept.mean().clamp_min(1e-9)).item(),
+        dropped_fraction=((picked - kept).sum() / picked.sum().clamp_min(1.0)).item(),
+    )

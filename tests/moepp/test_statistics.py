@@ -1,0 +1,44 @@
+"""Routing statistics agree with counts taken from the reference layer's routing masks."""
+
+from __future__ import annotations
+
+import torch
+
+from moepp_megatron.moepp.statistics import collect_routing_statistics
+from tests.moepp.test_layer_vs_reference import build_moepp_layer, run_megatron, run_reference
+from tests.tiny_models import reference_weights, tiny_model
+
+
+def test_statistics_match_reference_counts(single_process):
+    torch.manual_seed(1)
+    model = tiny_model(routing="paper", capacity_factor=0.8)
+    layer = build_moepp_layer(model).train()
+    x = torch.randn(12, 3, model.hidden_size)
+    weights = reference_weights(layer, model, prefix="decoder.layers.0.mlp.")
+    run_megatron(layer, x, None)
+    _, _, aux, _, _ = run_reference(model, weights, x, None)
+    picked, kept = aux["topk_mask"].double(), aux["kept_mask"].double()
+    tokens = x.shape[0] * x.shape[1]
+
+    (stats,) = collect_routing_statistics(layer)
+
+    assert stats.layer == 1 and stats.tokens == tokens
+    assert stats.ffn_experts_per_token == kept[:, :4].sum().item() / tokens
+    # Columns: 4 FFN, then 2 constant, 1 copy, 1 zero.
+    slots = tokens * 2
+    assert stats.zc_share == {
+        "constant": kept[:, 4:6].sum().item() / slots,
+        "copy": kept[:, 6].sum().item() / slots,
+        "zero": kept[:, 7].sum().item() / slots,
+    }
+    torch.testing.assert_close(
+        torch.tensor(stats.expert_load, dtype=torch.float64), kept.sum(0) / kept.sum()
+    )
+    assert 0 < stats.dropped_fraction == (picked.sum() - kept.sum()).item() / picked.sum().item()
+    ffn_load = kept[:, :4].sum(0)
+    assert stats.ffn_load_imbalance == (ffn_load.max() / ffn_load.mean()).item()
+    # Reading resets the counters; eval forwards do not count.
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert collect_routing_statistics(layer)[0].tokens == 0
