@@ -104,8 +104,66 @@ def _fix_torch_norm_sequence_parallel() -> None:
     WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+# Tags separating the two directions of pipeline p2p traffic (see _fix_batched_p2p_tags).
+_P2P_TAG_DOWNSTREAM = 1  # activations: send_next -> recv_prev
+_P2P_TAG_UPSTREAM = 2  # gradients: send_prev -> recv_next
+
+
+def _fix_batched_p2p_tags() -> None:
+    # batch_isend_irecv posts [send_prev, recv_prev, send_next, recv_next]. When prev == next
+    # (PP=2, every schedule that sends both ways at once: interleaved, 1F1B steady state)
+    # rank A posts send(grad), send(act) while rank B posts recv(act), recv(grad) to the same
+    # peer; gloo matches same-(peer, tag) messages in posting order, so the equally-shaped
+    # activation and gradient get swapped silently (wrong losses from the 3rd microbatch on in
+    # the interleaved schedule, measured). Tag each direction so gloo matches by direction.
+    # Only applied in CPU mode; the NCCL path is untouched.
+    import torch
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    if getattr(p2p_communication._batched_p2p_ops, "_moepp_cpu_wrapped", False):
+        return
+
+    def _batched_p2p_ops(
+        *,
+        tensor_send_prev,
+        tensor_recv_prev,
+        tensor_send_next,
+        tensor_recv_next,
+        group,
+        prev_pipeline_rank,
+        next_pipeline_rank,
+    ):
+        ops = []
+        P2POp = torch.distributed.P2POp
+        if tensor_send_prev is not None:
+            ops.append(
+                P2POp(torch.distributed.isend, tensor_send_prev, prev_pipeline_rank, group,
+                      _P2P_TAG_UPSTREAM)
+            )
+        if tensor_recv_prev is not None:
+            ops.append(
+                P2POp(torch.distributed.irecv, tensor_recv_prev, prev_pipeline_rank, group,
+                      _P2P_TAG_DOWNSTREAM)
+            )
+        if tensor_send_next is not None:
+            ops.append(
+                P2POp(torch.distributed.isend, tensor_send_next, next_pipeline_rank, group,
+                      _P2P_TAG_DOWNSTREAM)
+            )
+        if tensor_recv_next is not None:
+            ops.append(
+                P2POp(torch.distributed.irecv, tensor_recv_next, next_pipeline_rank, group,
+                      _P2P_TAG_UPSTREAM)
+            )
+        return torch.distributed.batch_isend_irecv(ops) if ops else []
+
+    _batched_p2p_ops._moepp_cpu_wrapped = True
+    p2p_communication._batched_p2p_ops = _batched_p2p_ops
+
+
 def apply() -> None:
     _fix_torch_norm_sequence_parallel()
+    _fix_batched_p2p_tags()
     _fix_te_general_gemm()
     _fix_alltoall_split_sizes()
     _fix_cuda_tensor_type_checks()

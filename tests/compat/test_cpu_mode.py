@@ -26,9 +26,18 @@ NUM_EXPERTS = 4
 
 
 def _config(**overrides):
+    """Tiny MoE GPT config; parallel sizes are taken from the initialised parallel_state."""
+    from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    tp = ps.get_tensor_model_parallel_world_size()
     kw = dict(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         num_layers=2,
         hidden_size=16,
         num_attention_heads=4,
@@ -40,6 +49,7 @@ def _config(**overrides):
         moe_aux_loss_coeff=0.01,
         moe_router_load_balancing_type="aux_loss",
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         add_bias_linear=False,
@@ -95,11 +105,11 @@ def _global_expert_name(name, ep_rank, num_local_experts):
     return f"{head}{marker}{ep_rank * num_local_experts + int(local)}.{rest}"
 
 
-def _shard(full, param, tp_rank, tp_size, etp_rank, etp_size):
+def _shard(full, name, param, tp_rank, tp_size, etp_rank, etp_size):
     """Slice of a full (TP=1) tensor held by this rank, from megatron's TP param attributes."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    is_expert = not getattr(param, "allreduce", True)
+    is_expert = ".local_experts." in name
     rank, size = (etp_rank, etp_size) if is_expert else (tp_rank, tp_size)
     return torch.chunk(full, size, dim=param.partition_dim)[rank].clone()
 
@@ -121,6 +131,7 @@ def _load_from_full(model, full_state):
         if name in params:
             src = _shard(
                 src,
+                name,
                 params[name],
                 ps.get_tensor_model_parallel_rank(),
                 ps.get_tensor_model_parallel_world_size(),
@@ -243,12 +254,7 @@ def _tp_worker():
         ps.destroy_model_parallel()
 
         initialize_parallel(tensor_parallel=2, seed=11)
-        cfg = _config(
-            moe_token_dispatcher_type=dispatcher,
-            tensor_model_parallel_size=2,
-            sequence_parallel=True,
-        )
-        model = _model(cfg)
+        model = _model(_config(moe_token_dispatcher_type=dispatcher))  # TP=2 with SP
         _load_from_full(model, full)
         loss, grads = _loss_and_grads(model, seed=5)  # same batch on both TP ranks
         _assert_close(loss, ref_loss, f"{dispatcher}: TP=2+SP loss vs TP=1", rtol=1e-5, atol=1e-5)
@@ -263,7 +269,7 @@ def _tp_worker():
                 # Replicated params (norms, router) see only this rank's sequence chunk under
                 # SP; finalize_model_grads would sum them over TP.
                 dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-            expected = _shard(ref_grads[name], param, *tp)
+            expected = _shard(ref_grads[name], name, param, *tp)
             _assert_close(g, expected, f"{dispatcher}: grad {name}", rtol=1e-4, atol=1e-6)
         assert n_sharded > 0
         out[dispatcher] = loss.detach()
@@ -397,3 +403,223 @@ def test_ddp_and_optimizer_step():
             torch.testing.assert_close(dist_opt["params"][name], p, rtol=1e-5, atol=1e-6)
     # The grad norm is global (all-reduced): both ranks report the same one.
     assert results[0][False]["norms"] == pytest.approx(results[1][False]["norms"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _stage_models(config, vpp):
+    from megatron.core import parallel_state as ps
+
+    if vpp is None:
+        return [
+            _model(
+                config,
+                pre_process=ps.is_pipeline_first_stage(),
+                post_process=ps.is_pipeline_last_stage(),
+            )
+        ]
+    chunks = []
+    for vp_stage in range(vpp):
+        chunks.append(
+            _model(
+                config,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks
+
+
+def _global_layer_name(model, name):
+    """'decoder.layers.<i>.' (local index) -> the global layer index of that layer."""
+    marker = "decoder.layers."
+    if not name.startswith(marker):
+        return name
+    local, rest = name[len(marker) :].split(".", 1)
+    layer_number = model.decoder.layers[int(local)].layer_number  # 1-based, global
+    return f"{marker}{layer_number - 1}.{rest}"
+
+
+def _pp_worker(num_layers, vpp, num_microbatches):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+
+    seeds = [300 + i for i in range(num_microbatches)]
+
+    # Reference: the whole model on every rank (PP=1), no-pipelining schedule.
+    initialize_parallel(seed=3)
+    ref = _model(_config(num_layers=num_layers))
+    full = {k: v.clone() for k, v in ref.state_dict().items() if v is not None}
+    ref_losses = _run_schedule([ref], ref.config, seeds)
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ps.destroy_model_parallel()
+
+    initialize_parallel(pipeline_parallel=2, virtual_pipeline_parallel=vpp, seed=3)
+    config = _config(num_layers=num_layers)
+    chunks = _stage_models(config, vpp)
+    for chunk in chunks:
+        chunk.load_state_dict(
+            {
+                k: (full[_global_layer_name(chunk, k)] if v is not None else v)
+                for k, v in chunk.state_dict().items()
+            }
+        )
+    losses = _run_schedule(chunks, config, seeds)
+    n_params = 0
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            gname = _global_layer_name(chunk, name)
+            _assert_close(p.grad, ref_grads[gname], f"PP grad {name} (= {gname})", 1e-4, 1e-6)
+            n_params += 1
+    # Each rank holds part of the model; together they hold all of it.
+    counts = torch.tensor([n_params])
+    dist.all_reduce(counts)
+    assert counts.item() == len(ref_grads), (counts.item(), len(ref_grads))
+    if ps.is_pipeline_last_stage():
+        assert len(losses) == num_microbatches
+        for got, want in zip(losses, ref_losses):
+            _assert_close(got, want, "PP loss", 1e-5, 1e-6)
+    else:
+        assert losses == []
+    destroy_parallel()
+    return [l.item() for l in losses]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "num_layers,vpp", [(2, None), (4, 2)], ids=["1f1b", "interleaved"]
+)
+def test_pipeline_parallel_schedules(num_layers, vpp):
+    results = run_distributed(_pp_worker, 2, num_layers, vpp, 4)
+    assert results[0] == []
+    assert len(results[1]) == 4 and len(set(results[1])) == 4  # 4 distinct microbatches
+
+
+# ----------------------------------------------------------------------------- RNG + recompute
+
+
+def _rng_worker(seed):
+    """The CPU RNG tracker forks real, reproducible generator states like the CUDA tracker."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel.random import (
+        get_data_parallel_rng_tracker_name,
+        get_expert_parallel_rng_tracker_name,
+    )
+
+    from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+
+    initialize_parallel(expert_parallel=2, seed=seed)
+    tracker = get_cuda_rng_tracker()
+    ep_rank = ps.get_expert_model_parallel_rank()
+
+    def stream(s, n):
+        return torch.rand(n, generator=torch.Generator().manual_seed(s))
+
+    # Default generator: seeded with `seed` (PP rank 0); forks do not disturb it.
+    expected_default = stream(seed, 8)
+    a = torch.rand(4)
+    with tracker.fork():
+        mp1 = torch.rand(4)
+    with tracker.fork(get_expert_parallel_rng_tracker_name()):
+        ep1 = torch.rand(4)
+    b = torch.rand(4)
+    torch.testing.assert_close(torch.cat([a, b]), expected_default, rtol=0, atol=0)
+    # Model-parallel state: seed + 2718 + tp_rank; it continues where the last fork stopped.
+    with tracker.fork():
+        mp2 = torch.rand(4)
+    torch.testing.assert_close(torch.cat([mp1, mp2]), stream(seed + 2718, 8), rtol=0, atol=0)
+    # Expert-parallel state: seed + 1024 + 100 * ep_rank + etp_rank (differs between EP ranks).
+    torch.testing.assert_close(ep1, stream(seed + 1024 + 100 * ep_rank, 4), rtol=0, atol=0)
+    with tracker.fork(get_data_parallel_rng_tracker_name()):
+        dp1 = torch.rand(4)
+    torch.testing.assert_close(dp1, stream(seed, 4), rtol=0, atol=0)
+    # Nested forks restore the outer state.
+    with tracker.fork():
+        with tracker.fork(get_expert_parallel_rng_tracker_name()):
+            ep2 = torch.rand(4)
+        mp3 = torch.rand(4)
+    torch.testing.assert_close(ep2, stream(seed + 1024 + 100 * ep_rank, 8)[4:], rtol=0, atol=0)
+    torch.testing.assert_close(mp3, stream(seed + 2718, 12)[8:], rtol=0, atol=0)
+
+    # Same seed -> same init; experts differ between EP ranks.
+    initialize_parallel(expert_parallel=2, seed=seed)
+    m1 = {k: v for k, v in _model(_config()).state_dict().items() if v is not None}
+    initialize_parallel(expert_parallel=2, seed=seed)
+    m2 = {k: v for k, v in _model(_config()).state_dict().items() if v is not None}
+    initialize_parallel(expert_parallel=2, seed=seed + 1)
+    m3 = {k: v for k, v in _model(_config()).state_dict().items() if v is not None}
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert not any(torch.equal(m1[k], m3[k]) for k in m1 if "weight" in k and "norm" not in k)
+    destroy_parallel()
+    return {k: v for k, v in m1.items() if ".local_experts.0.linear_fc1" in k}
+
+
+def test_rng_tracker_is_deterministic_and_forks():
+    r0, r1 = run_distributed(_rng_worker, 2, 1234)
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:  # expert 0 of EP rank 0 (global 0) vs EP rank 1 (global 2)
+        assert not torch.equal(r0[k], r1[k]), k
+
+
+_RECOMPUTE = {
+    "none": {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full_block": dict(
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=2
+    ),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    "selective_moe": dict(
+        recompute_granularity="selective", recompute_modules=["core_attn", "moe", "layernorm"]
+    ),
+}
+
+
+def _recompute_worker():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+
+    dropout = dict(hidden_dropout=0.2, attention_dropout=0.2, moe_token_dispatcher_type="alltoall")
+    results = {}
+    for name, kw in _RECOMPUTE.items():
+        initialize_parallel(expert_parallel=2, seed=99)  # re-seeds: same init, same masks
+        model = _model(_config(**dropout, **kw))
+        results[name] = _loss_and_grads(model, seed=int(os.environ["RANK"]))
+        if name == "none":
+            # Dropout is active: a second pass (generator moved on) gives another loss.
+            again, _ = _loss_and_grads(model, seed=int(os.environ["RANK"]))
+            assert not torch.allclose(again, results[name][0]), "dropout inactive?"
+
+    # Negative control: recompute without restoring the RNG states gives other grads, so the
+    # comparisons below do test the restore.
+    orig = mrandom._set_all_rng_states
+    initialize_parallel(expert_parallel=2, seed=99)
+    model = _model(_config(**dropout, **_RECOMPUTE["full"]))
+    mrandom._set_all_rng_states = lambda *a, **k: None
+    try:
+        _, bad_grads = _loss_and_grads(model, seed=int(os.environ["RANK"]))
+    finally:
+        mrandom._set_all_rng_states = orig
+    ref_loss, ref_grads = results["none"]
+    assert any(
+        not torch.allclose(bad_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6) for k in ref_grads
+    ), "recompute without RNG restore still matched: the test would not catch a broken restore"
+
+    for name, (loss, grads) in results.items():
+        _assert_close(loss, ref_loss, f"{name}: loss", 0, 0)
+        assert grads.keys() == ref_grads.keys()
+        for k in grads:
+            _assert_close(grads[k], ref_grads[k], f"{name}: grad {k}", 1e-5, 1e-7)
+    destroy_parallel()
+    return {name: loss.mean().item() for name, (loss, _) in results.items()}
+
+
+@pytest.mark.slow
+def test_recompute_matches_no_recompute():
+    results = run_distributed(_recompute_worker, 2)
+    assert set(results[0]) == set(_RECOMPUTE)

@@ -1,0 +1,1 @@
+"""Training: the forward step the pipeline schedules call, and (later) the trainer."""

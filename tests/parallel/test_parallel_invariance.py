@@ -1,0 +1,100 @@
+"""Parallel layouts compute the same model: EP=1/2/4 with both dispatchers, TP=2 + SP.
+
+The reference is one process running the same global batch as micro-batches. Each
+layout loads the reference's initial weights from a dist checkpoint, runs one training
+step through megatron's DDP, schedule and finalize_model_grads, and saves its gradients
+as a dist checkpoint; a single process loads that (megatron reshards) and compares every
+parameter's gradient, the per-micro-batch losses and the per-layer load-balance losses.
+Capacity is per rank and per micro-batch in megatron, so with EP (each rank routes its
+own micro-batches) it is comparable and switched on; sequence parallelism splits a
+micro-batch's tokens over TP ranks, so the TP comparison is dropless.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moepp_megatron.config.schema import ParallelConfig
+from tests.distributed import run_distributed
+from tests.parallel import workers
+from tests.tiny_models import tiny_model, with_moe
+
+NUM_MICROBATCHES, MICRO_BATCH = 4, 2
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+MODELS = {
+    "capacity": tiny_model(routing="release", router="mlp", capacity_factor=1.0),
+    "dropless": tiny_model(routing="paper", router="linear"),
+}
+
+
+def _batches(model):
+    return workers.microbatches(model.vocab_size, NUM_MICROBATCHES, MICRO_BATCH, model.seq_length)
+
+
+def _reference_rank(model, init_dir):
+    gpt = workers.setup(model, ParallelConfig(cpu_mode=True))
+    workers.save_checkpoint(gpt, init_dir)
+    result = workers.train_step(gpt, _batches(model))
+    workers.grads_into_params(gpt)
+    return {**result, "grads": workers.full_state(gpt)}
+
+
+def _layout_rank(model, parallel, init_dir, grads_dir):
+    gpt = workers.setup(model, parallel)
+    workers.load_checkpoint(gpt, init_dir)
+    result = workers.train_step(gpt, _batches(model))
+    workers.grads_into_params(gpt)
+    workers.save_checkpoint(gpt, grads_dir)
+    return result
+
+
+def _load_full_rank(model, directory):
+    gpt = workers.setup(model, ParallelConfig(cpu_mode=True))
+    workers.load_checkpoint(gpt, directory)
+    return workers.full_state(gpt)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    out = {}
+    for name, model in MODELS.items():
+        init_dir = tmp_path_factory.mktemp(f"init-{name}")
+        (result,) = run_distributed(_reference_rank, 1, model, str(init_dir))
+        out[name] = (init_dir, result)
+    return out
+
+
+LAYOUTS = {
+    "ep2-allgather": ("capacity", 2, dict(expert=2), "allgather"),
+    "ep2-alltoall": ("capacity", 2, dict(expert=2), "alltoall"),
+    "ep4-allgather": ("capacity", 4, dict(expert=4), "allgather"),
+    "ep4-alltoall": ("capacity", 4, dict(expert=4), "alltoall"),
+    "tp2-sp-allgather": ("dropless", 2, dict(tensor=2, sequence_parallel=True), "allgather"),
+    "tp2-sp-alltoall": ("dropless", 2, dict(tensor=2, sequence_parallel=True), "alltoall"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(references, tmp_path, layout):
+    model_name, world, parallel_fields, dispatcher = LAYOUTS[layout]
+    model = with_moe(MODELS[model_name], token_dispatcher=dispatcher)
+    init_dir, reference = references[model_name]
+    parallel = ParallelConfig(cpu_mode=True, **parallel_fields)
+    grads_dir = tmp_path / "grads"
+    grads_dir.mkdir()
+    results = run_distributed(_layout_rank, world, model, parallel, str(init_dir), str(grads_dir))
+    (grads,) = run_distributed(_load_full_rank, 1, model, str(grads_dir))
+
+    dp_losses = {r["dp_rank"]: r["losses"] for r in results if r["losses"] is not None}
+    losses = torch.cat([dp_losses[rank] for rank in sorted(dp_losses)])
+    torch.testing.assert_close(losses, reference["losses"], **TOL)
+    for r in results:
+        torch.testing.assert_close(r["lb_loss"], reference["lb_loss"], **TOL)
+    assert grads.keys() == reference["grads"].keys()
+    worst = max((grads[k] - v).abs().max().item() for k, v in reference["grads"].items())
+    print(f"{layout}: max |grad diff| = {worst:.3e}")
+    for name, expected in reference["grads"].items():
+        torch.testing.assert_close(grads[name], expected, **TOL, msg=lambda m: f"{name}: {m}")
