@@ -139,6 +139,43 @@ def report_cuda_tensor_types():
 
 _Tensor = torch.Tensor
 _RETURN_SELF = {_Tensor.cuda, _Tensor.pin_memory}
+_BACKWARD_ENTRY_POINTS = {_Tensor.backward, torch.autograd.backward}
+
+
+def _as_tuple(x):
+    if x is None:
+        return ()
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(x)
+
+
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """``torch.autograd.backward`` without its ``__torch_function__`` check.
+
+    Same engine call as megatron's ``schedules.custom_backward``
+    (``Variable._execution_engine.run_backward``); implicit grads only for scalar outputs.
+    """
+    tensors = _as_tuple(tensors)
+    grads = list(_as_tuple(grad_tensors)) or [None] * len(tensors)
+    if len(grads) != len(tensors):
+        raise RuntimeError(f"got {len(grads)} grad_tensors for {len(tensors)} tensors")
+    for i, (t, g) in enumerate(zip(tensors, grads)):
+        if g is None and t.requires_grad:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            grads[i] = torch.ones_like(t, memory_format=torch.preserve_format)
+    if retain_graph is None:
+        retain_graph = create_graph
+    torch.autograd.Variable._execution_engine.run_backward(
+        tensors,
+        tuple(grads),
+        retain_graph,
+        create_graph,
+        _as_tuple(inputs),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -153,6 +190,27 @@ class CudaToCpuMode(TorchFunctionMode):
         if func in _RETURN_SELF:
             # .cuda() / .pin_memory() of a CPU tensor: it already lives on "the device".
             return args[0]
+        if func in _BACKWARD_ENTRY_POINTS:
+            # A mode is popped while its __torch_function__ runs, so `loss.backward()` /
+            # `torch.autograd.backward()` would run the whole backward pass - activation
+            # recompute (which re-runs forward code allocating on 'cuda'), autograd Function
+            # backwards, hooks - without this mode. Run the engine with the mode pushed again.
+            kwargs = dict(kwargs or {})
+            if func is _Tensor.backward:
+                tensors, gradient = args[0], (args[1] if len(args) > 1 else kwargs.pop("gradient", None))
+                rest = args[2:]
+            else:
+                tensors = args[0] if args else kwargs.pop("tensors")
+                gradient = args[1] if len(args) > 1 else kwargs.pop("grad_tensors", None)
+                if gradient is None:
+                    gradient = kwargs.pop("grad_variables", None)
+                kwargs.pop("grad_variables", None)
+                rest = args[2:]
+            names = ("retain_graph", "create_graph", "inputs")
+            kwargs.update(zip(names, rest))
+            with self:
+                _run_backward(tensors, gradient, **kwargs)
+            return None
         if func is _Tensor.record_stream:
             # Streams are no-ops on CPU; record_stream() of a CPU tensor would raise.
             return None

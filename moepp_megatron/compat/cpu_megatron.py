@@ -161,8 +161,30 @@ def _fix_batched_p2p_tags() -> None:
     p2p_communication._batched_p2p_ops = _batched_p2p_ops
 
 
+def _fix_checkpoint_without_output_fp8() -> None:
+    # CheckpointWithoutOutput.__init__ sets `self.fp8 = fp8 is not None`, so the default
+    # fp8=False (used by the 'layernorm' and 'moe_act' selective recompute) takes the FP8 path,
+    # which calls Transformer Engine's FP8GlobalStateManager -> NameError without TE (always
+    # the case on CPU). Without TE there is no FP8: force the plain path.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    cls = mrandom.CheckpointWithoutOutput
+    orig_init = cls.__init__
+    if getattr(orig_init, "_moepp_cpu_wrapped", False) or mrandom.HAVE_TE:
+        return
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        self.fp8 = False
+
+    __init__._moepp_cpu_wrapped = True
+    cls.__init__ = __init__
+
+
 def apply() -> None:
     _fix_torch_norm_sequence_parallel()
+    _fix_checkpoint_without_output_fp8()
     _fix_batched_p2p_tags()
     _fix_te_general_gemm()
     _fix_alltoall_split_sizes()
