@@ -97,6 +97,14 @@ def _patch_torch_cuda() -> None:
     cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     cuda.default_stream = lambda device=None: _DEFAULT_STREAM
     cuda.stream = lambda stream=None: contextlib.nullcontext(stream)
+    # Memory statistics: reset_peak_memory_stats() raises without CUDA (the getters return 0).
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    # NVTX ranges (megatron's --nvtx-ranges / nvtx_decorator) raise "NVTX functions not
+    # installed" on CPU builds; profiling annotations are no-ops here.
+    cuda.nvtx.range_push = lambda msg: 0
+    cuda.nvtx.range_pop = lambda: 0
+    cuda.nvtx.mark = lambda msg: None
+    cuda.nvtx.range = lambda msg, *args, **kwargs: contextlib.nullcontext()
     # RNG: the CPU default generator plays the role of the CUDA generator (see cpu_rng).
     # torch.cuda.get_rng_state() raises without CUDA and torch.cuda.manual_seed() is silently
     # queued; megatron's model_parallel_cuda_manual_seed seeds "the device" through them.
