@@ -153,9 +153,22 @@ _BACKWARD_ENTRY_POINTS = {_Tensor.backward, torch.autograd.backward}
 def _as_tuple(x):
     if x is None:
         return ()
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, (torch.Tensor, torch.autograd.graph.GradientEdge)):
         return (x,)
     return tuple(x)
+
+
+def _tensor_backward_args(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    return self, gradient, retain_graph, create_graph, inputs
+
+
+def _autograd_backward_args(
+    tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
+    inputs=None,
+):
+    if grad_tensors is None:
+        grad_tensors = grad_variables
+    return tensors, grad_tensors, retain_graph, create_graph, inputs
 
 
 def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
@@ -169,7 +182,7 @@ def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=Fa
     if len(grads) != len(tensors):
         raise RuntimeError(f"got {len(grads)} grad_tensors for {len(tensors)} tensors")
     for i, (t, g) in enumerate(zip(tensors, grads)):
-        if g is None and t.requires_grad:
+        if g is None and isinstance(t, torch.Tensor) and t.requires_grad:
             if t.numel() != 1:
                 raise RuntimeError("grad can be implicitly created only for scalar outputs")
             grads[i] = torch.ones_like(t, memory_format=torch.preserve_format)
@@ -199,25 +212,13 @@ class CudaToCpuMode(TorchFunctionMode):
             # .cuda() / .pin_memory() of a CPU tensor: it already lives on "the device".
             return args[0]
         if func in _BACKWARD_ENTRY_POINTS:
-            # A mode is popped while its __torch_function__ runs, so `loss.backward()` /
+            # A mode is popped while its own __torch_function__ runs, so `loss.backward()` /
             # `torch.autograd.backward()` would run the whole backward pass - activation
-            # recompute (which re-runs forward code allocating on 'cuda'), autograd Function
+            # recompute (re-runs forward code that allocates on 'cuda'), autograd Function
             # backwards, hooks - without this mode. Run the engine with the mode pushed again.
-            kwargs = dict(kwargs or {})
-            if func is _Tensor.backward:
-                tensors, gradient = args[0], (args[1] if len(args) > 1 else kwargs.pop("gradient", None))
-                rest = args[2:]
-            else:
-                tensors = args[0] if args else kwargs.pop("tensors")
-                gradient = args[1] if len(args) > 1 else kwargs.pop("grad_tensors", None)
-                if gradient is None:
-                    gradient = kwargs.pop("grad_variables", None)
-                kwargs.pop("grad_variables", None)
-                rest = args[2:]
-            names = ("retain_graph", "create_graph", "inputs")
-            kwargs.update(zip(names, rest))
+            parse = _tensor_backward_args if func is _Tensor.backward else _autograd_backward_args
             with self:
-                _run_backward(tensors, gradient, **kwargs)
+                _run_backward(*parse(*args, **(kwargs or {})))
             return None
         if func is _Tensor.record_stream:
             # Streams are no-ops on CPU; record_stream() of a CPU tensor would raise.
