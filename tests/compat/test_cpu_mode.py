@@ -186,6 +186,84 @@ def test_cpu_mode_requested(monkeypatch):
     assert not cpu_mode_requested()
 
 
+# ----------------------------------------------------------------------------- harness
+
+
+def _harness_values(x):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # from the env the harness set
+    t = torch.full((2,), float(dist.get_rank()))
+    dist.all_reduce(t)
+    return {
+        "rank": int(os.environ["RANK"]),
+        "world": int(os.environ["WORLD_SIZE"]),
+        "cpu_mode": os.environ["MOEPP_CPU_MODE"],
+        "threads": torch.get_num_threads(),
+        "x": x,
+        "sum": t,
+    }
+
+
+def _harness_fail_on_rank1():
+    import time
+
+    if os.environ["RANK"] == "1":
+        raise ValueError("boom on rank 1")
+    time.sleep(120)  # rank 0 "hangs" waiting for its peer: must be killed, not waited for
+
+
+def _harness_hang(pid_dir):
+    import time
+
+    with open(os.path.join(pid_dir, os.environ["RANK"]), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_harness_returns_values_by_rank():
+    results = run_distributed(_harness_values, 3, x=5)
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    for r in results:
+        assert r["world"] == 3 and r["cpu_mode"] == "1" and r["threads"] == 1 and r["x"] == 5
+        torch.testing.assert_close(r["sum"], torch.full((2,), 3.0))
+
+
+def test_harness_reports_failing_rank():
+    import time
+
+    from tests.distributed import DistributedTestError
+
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="rank 1") as info:
+        run_distributed(_harness_fail_on_rank1, 2, timeout=60)
+    assert "ValueError: boom on rank 1" in str(info.value)
+    assert "_harness_fail_on_rank1" in str(info.value)  # the rank's traceback
+    assert time.monotonic() - start < 30
+
+
+def test_harness_kills_hung_ranks(tmp_path):
+    from tests.distributed import DistributedTestTimeout
+
+    with pytest.raises(DistributedTestTimeout, match="did not finish"):
+        run_distributed(_harness_hang, 2, str(tmp_path), timeout=5)
+    pids = [int((tmp_path / str(r)).read_text()) for r in range(2)]
+    assert not any(_alive(pid) for pid in pids), pids
+
+
 # ----------------------------------------------------------------------------- EP
 
 

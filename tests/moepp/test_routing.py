@@ -70,3 +70,17 @@ def test_heterogeneous_load_balance_loss_by_hand(single_process):
     assert logged.item() == pytest.approx(0.28125, abs=1e-7)
     assert routing_map.tolist() == [[True, False, False], [False, False, True]]
     torch.testing.assert_close(gates, torch.tensor([[0.5, 0, 0], [0, 0, 0.5]]))
+
+
+def test_z_loss_is_logged_over_all_experts(single_process):
+    # z-loss = mean_t logsumexp(G_t)^2 over all N = N_ffn + N_zc logits.
+    model = tiny_model(z_loss_coeff=1e-3)
+    config = transformer_config(model, ParallelConfig(cpu_mode=True))
+    router = MoEPPRouter(config, pg_collection=get_default_pg_collection()).train()
+    router.set_layer_number(1)
+    get_moe_layer_wise_logging_tracker().clear()
+    logits = torch.randn(5, 2, config.moepp_num_experts)
+    router.routing(logits)
+    expected = torch.logsumexp(logits.view(-1, 8), dim=-1).square().mean()
+    logged = get_moe_layer_wise_logging_tracker()["z_loss"]["values"][0]
+    torch.testing.assert_close(logged, expected)

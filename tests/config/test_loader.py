@@ -1,0 +1,50 @@
+"""YAML loading: base inheritance, dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moepp_megatron.config import load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_base_inheritance_and_overrides():
+    config = load_config(CONFIGS / "moepp-1b-16+4e.yaml", ["model.moe.tau=0.25", "parallel.expert=8"])
+    assert config.model.moe.num_ffn_experts == 16  # from the preset
+    assert config.model.hidden_size == 768  # from its base
+    assert config.model.norm_eps == 1e-6  # from the backbone
+    assert config.model.moe.tau == 0.25 and config.parallel.expert == 8  # overrides
+    assert to_dict(config)["model"]["moe"]["tau"] == 0.25
+
+
+def test_unknown_key_names_the_dotted_path_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  moe:\n    num_experts: 8\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*model\.moe\.num_experts"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_layers: twelve\n")
+    with pytest.raises(ValueError, match="model.num_layers='twelve' must be of type int"):
+        load_config(path)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="expected dotted.key=value"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["model.moe.tau"])
+    with pytest.raises(ValueError, match="model.moe.routing"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["model.moe.routing=fancy"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_circular_base_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="circular"):
+        load_config(tmp_path / "a.yaml")
