@@ -1,9 +1,18 @@
 """One typed config tree for everything: schema (dataclasses) and YAML loader."""
 
 from moepp_megatron.config.loader import from_dict, load_config, to_dict
-from moepp_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig, RunConfig
+from moepp_megatron.config.schema import (
+    DataConfig,
+    DataSource,
+    MoEConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+)
 
 __all__ = [
+    "DataConfig",
+    "DataSource",
     "MoEConfig",
     "ModelConfig",
     "ParallelConfig",

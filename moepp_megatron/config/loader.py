@@ -109,6 +109,8 @@ def _check_type(value: Any, hint: Any, name: str, where: str) -> Any:
         raise ValueError(f"{where}: {name}={value!r} must be one of {typing.get_args(hint)}")
     if origin is list:
         (item_hint,) = typing.get_args(hint)
+        if isinstance(value, list) and dataclasses.is_dataclass(item_hint):
+            return [from_dict(item_hint, v, where, f"{name}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, list):
             return [_check_type(v, item_hint, f"{name}[]", where) for v in value]
         raise ValueError(f"{where}: {name}={value!r} must be a list")

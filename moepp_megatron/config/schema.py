@@ -125,9 +125,50 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSource:
+    """One weighted corpus: a Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``)."""
+
+    prefix: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, f"data source {self.prefix!r}: weight", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Training data: a sentencepiece tokenizer and a weighted blend of indexed datasets.
+
+    Sources come from ``mixture`` (a YAML file with a ``sources:`` list, see
+    ``configs/data/``) or inline ``sources``; relative prefixes are taken from ``root``.
+    """
+
+    tokenizer_model: Optional[str] = None
+    root: str = ""
+    mixture: Optional[str] = None
+    sources: list[DataSource] = field(default_factory=list)
+    # train / valid / test proportions of every source, as megatron's "split" string.
+    split: str = "98,1,1"
+    eod_mask_loss: bool = False
+    # megatron writes its sample/shuffle index files here (default: next to the data).
+    cache_dir: Optional[str] = None
+    num_workers: int = 2
+    # The embedding is padded to a multiple of this times the tensor-parallel size.
+    vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.mixture and self.sources),
+            "data.mixture",
+            "give either a mixture file or inline data.sources, not both",
+        )
+
+
+@dataclass
 class RunConfig:
-    """Everything a job needs. Later sections (training, data, checkpointing) join here."""
+    """Everything a job needs. Later sections (training, checkpointing) join here."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 1234
