@@ -166,19 +166,18 @@ def run_distributed(
             try:
                 rank, ok, payload = results.get(timeout=min(0.5, remaining))
             except queue.Empty:
-                for rank, p in enumerate(procs):
-                    if rank not in values and p.exitcode is not None:
-                        # Exited without reporting; the queue may still be flushing.
-                        try:
-                            rank, ok, payload = results.get(timeout=2.0)
-                            break
-                        except queue.Empty:
-                            raise DistributedTestError(
-                                f"{getattr(fn, '__name__', fn)}: rank {rank} died with exit "
-                                f"code {p.exitcode} without reporting a result"
-                            ) from None
-                else:
+                dead = [
+                    r for r, p in enumerate(procs) if r not in values and p.exitcode is not None
+                ]
+                if not dead:
                     continue
+                try:  # a rank that just exited may still be flushing its result
+                    rank, ok, payload = results.get(timeout=2.0)
+                except queue.Empty:
+                    raise DistributedTestError(
+                        f"{getattr(fn, '__name__', fn)}: rank {dead[0]} died with exit code "
+                        f"{procs[dead[0]].exitcode} without reporting a result"
+                    ) from None
             if not ok:
                 raise DistributedTestError(
                     f"{getattr(fn, '__name__', fn)}: rank {rank} of {world_size} failed:\n"

@@ -31,6 +31,18 @@ How it works (details next to each patch in :mod:`cpu_cuda`, :mod:`cpu_rng` and
       tracker keeps separate CPU generator states per name, so ``get_cuda_rng_tracker().fork()``
       really forks, and activation recompute restores the states;
     * a few targeted fixes in megatron-core (see :mod:`cpu_megatron`).
+
+Limits
+    * The device-mapping mode is a thread-local torch function mode: it is pushed in the thread
+      that calls ``enable_cpu_mode`` (run the model in that thread). Other threads only get the
+      ``torch.cuda`` stubs (``current_device()`` is the CPU device, streams are no-ops).
+    * ``loss.backward()`` / ``torch.autograd.backward`` run with the mode active (recompute
+      allocates during backward); ``torch.autograd.grad`` does not (megatron only uses it for
+      CUDA graphs).
+    * GPU-only features stay unavailable: Transformer Engine / Apex modules, FP8, grouped GEMM
+      (``GroupedMLP``/``TEGroupedMLP``: use ``moe_grouped_gemm=False`` -> ``SequentialMLP``),
+      fused permute, the flex (DeepEP/HybridEP) dispatcher, CUDA graphs, NCCL user buffers.
+    * The optimizer is always torch Adam/SGD (no fused kernels).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def _with_cuda_type_names(fn):
 
 def _fix_te_general_gemm() -> None:
     # moe_utils only defines te_general_gemm when Transformer Engine imports, but the router
-    # gating GEMM (RouterGatingLinearFunction, moe_router_dtype='fp32'/'fp64') tests
+    # gating GEMM (RouterGatingLinearFunction, used by every Router.gating call) tests
     # `te_general_gemm is not None` -> NameError without TE (fixed upstream after 0.16.1).
     from megatron.core.transformer.moe import moe_utils
 
@@ -182,8 +182,70 @@ def _fix_checkpoint_without_output_fp8() -> None:
     cls.__init__ = __init__
 
 
+def _fix_distrib_optimizer_shared_adam_step() -> None:
+    # Without Apex/TE (always on CPU) the optimizer is torch Adam(W), which keeps a per-param
+    # state['step'] tensor and increments it in place. DistributedOptimizer.load_state_dict
+    # assigns ONE step tensor to every param state (`s["step"] = step`), so after resuming
+    # each optimizer.step() advances the shared counter once per param: wrong bias correction
+    # (measured: step 9/10 instead of 2 one step after resuming, params off by ~3e-3).
+    # Give every param its own copy after loading.
+    import torch
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    orig = cls.load_state_dict
+    if getattr(orig, "_moepp_cpu_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def load_state_dict(self, state_dict):
+        result = orig(self, state_dict)
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.detach().clone()
+        return result
+
+    load_state_dict._moepp_cpu_wrapped = True
+    cls.load_state_dict = load_state_dict
+
+
+def _fix_uneven_all_gather() -> None:
+    # mappings._gather_along_first_dim(output_split_sizes=...) (gather_from_sequence_parallel_
+    # region with variable sizes: the alltoall dispatcher under TP>1 when the TP ranks hold
+    # different numbers of routed tokens) calls torch.distributed.all_gather with a list of
+    # differently sized outputs; gloo rejects that ("invalid tensor size"). Pad to the largest
+    # split, all-gather equal chunks and drop the padding. Equal splits take the stock path.
+    import torch
+    from megatron.core.tensor_parallel import mappings
+
+    orig = mappings._gather_along_first_dim
+    if getattr(orig, "_moepp_cpu_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        if len(set(sizes)) == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        world_size, rows = group.size(), max(sizes)
+        assert input_.shape[0] == sizes[group.rank()], (input_.shape, sizes)
+        padded = input_.new_zeros((rows,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((rows * world_size,) + tuple(input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        return torch.cat([gathered[r * rows : r * rows + n] for r, n in enumerate(sizes)])
+
+    _gather_along_first_dim._moepp_cpu_wrapped = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+
+
 def apply() -> None:
     _fix_torch_norm_sequence_parallel()
+    _fix_uneven_all_gather()
+    _fix_distrib_optimizer_shared_adam_step()
     _fix_checkpoint_without_output_fp8()
     _fix_batched_p2p_tags()
     _fix_te_general_gemm()

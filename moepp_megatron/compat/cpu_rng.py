@@ -38,7 +38,9 @@ class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
     def __init__(self, use_cudagraphable_rng: bool = False, is_inference_rng_tracker: bool = False):
         if use_cudagraphable_rng:
             raise RuntimeError("CPU mode: cudagraphable RNG is not supported")
-        super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=is_inference_rng_tracker)
+        super().__init__(
+            use_cudagraphable_rng=False, is_inference_rng_tracker=is_inference_rng_tracker
+        )
 
     def add(self, name, seed):
         """Track a new CPU generator state seeded with ``seed`` (default state untouched)."""

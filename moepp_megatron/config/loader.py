@@ -1,7 +1,7 @@
 """YAML -> typed config, with ``base:`` inheritance and dotted command-line overrides.
 
-A preset names the file it extends with ``base: other.yaml`` (relative to itself) and
-states only what differs. Overrides look like ``model.moe.tau=0.5``; values are parsed as
+A preset names the file(s) it extends with ``base: other.yaml`` or ``base: [a.yaml,
+b.yaml]`` (relative to itself; later ones win) and states only what differs. Overrides look like ``model.moe.tau=0.5``; values are parsed as
 YAML scalars, so ``null``, ``true``, ``1e-4`` and ``[1, 0]`` work. An unknown key anywhere
 is an error naming its dotted path and the file it came from.
 """
@@ -47,10 +47,11 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(_read_with_bases(path.parent / base, seen + (path,)), data)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_with_bases(path.parent / base, seen + (path,)))
+    return _merge(merged, data)
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -165,10 +165,96 @@ class DataConfig:
 
 
 @dataclass
-class RunConfig:
-    """Everything a job needs. Later sections (training, checkpointing) join here."""
+class OptimConfig:
+    """AdamW with a warmup + decay schedule (MOEPP_SPEC.md section 3, paper Table B)."""
 
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    warmup_iters: int = 2000
+    # Linear warmup starts here (the paper: 1e-7).
+    warmup_init_lr: float = 1e-7
+    decay_style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
+    # Iterations over which the LR decays to min_lr (default: all of training).
+    decay_iters: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        _require(self.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch and length of training. The paper states both in tokens."""
+
+    # One of train_tokens / train_iters; tokens are rounded down to whole iterations.
+    train_tokens: Optional[int] = None
+    train_iters: Optional[int] = None
+    # 4M tokens = 2048 sequences of 2048 tokens; must split into micro-batches per DP rank.
+    global_batch_tokens: int = 4_194_304
+    micro_batch_size: int = 1
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    # bf16 on GPU; CPU mode always computes in fp32.
+    bf16: bool = True
+    # Skip steps whose loss is NaN/Inf; stop after this many in a row.
+    max_nonfinite_steps: int = 5
+    # Stop after this many iterations of this job (a step budget for one allocation).
+    exit_after_iters: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.train_tokens is None) != (self.train_iters is None),
+            "training.train_tokens",
+            "set exactly one of training.train_tokens and training.train_iters",
+        )
+        _require(self.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+        _require(self.global_batch_tokens >= 1, "training.global_batch_tokens", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron dist_checkpointing (torch_dist) under ``<run_dir>/checkpoints``."""
+
+    save_interval: int = 1000
+    keep_last: int = 3
+    # Resume from the run directory's latest checkpoint when there is one.
+    resume: bool = True
+    # Initialise a new run (iteration 0, fresh optimizer) from these weights.
+    init_from: Optional[str] = None
+    async_save: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 1, "checkpoint.save_interval", "must be >= 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "moepp-megatron"
+    # offline: nothing leaves the machine; sync later with `wandb sync`.
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass
+class RunConfig:
+    """Everything a job needs; each component receives only its own section."""
+
+    run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(train_iters=1000))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 1234

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 
 import numpy as np
 import torch
@@ -69,6 +70,12 @@ def _check_sizes(
             f"expert_tensor_parallel ({etp}) x pipeline_parallel ({pipeline_parallel}) = "
             f"{expert_model_parallel}"
         )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -136,8 +143,10 @@ def initialize_parallel(
     if not dist.is_initialized():
         rank = _env_int("RANK", 0)
         if world_size == 1:
+            # Single process without a launcher: any free local port will do.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(
             backend=backend,
             init_method="env://",

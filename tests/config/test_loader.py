@@ -48,3 +48,12 @@ def test_circular_base_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="circular"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_several_bases_merge_in_order(tmp_path):
+    (tmp_path / "model.yaml").write_text("model:\n  num_layers: 4\n  hidden_size: 64\n")
+    (tmp_path / "recipe.yaml").write_text("optim:\n  lr: 1.0e-4\nmodel:\n  hidden_size: 128\n")
+    (tmp_path / "run.yaml").write_text("base: [model.yaml, recipe.yaml]\nseed: 7\n")
+    config = load_config(tmp_path / "run.yaml")
+    assert (config.model.num_layers, config.model.hidden_size) == (4, 128)
+    assert (config.optim.lr, config.seed) == (1e-4, 7)

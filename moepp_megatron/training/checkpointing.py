@@ -1,0 +1,195 @@
+"""Checkpoints with megatron dist_checkpointing (torch_dist), in Megatron-LM's layout:
+
+    <dir>/iter_0000100/...                 one checkpoint (any TP/PP/EP layout can load it)
+    <dir>/latest_checkpointed_iteration.txt
+
+The tracker file is replaced atomically, and only after every rank has finished writing,
+so a crash during a save leaves ``latest`` on the previous complete checkpoint. A
+checkpoint holds the model, optimizer, LR scheduler, every rank's RNG states, the
+training state (iteration, consumed samples) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# megatron 0.16.1's default distributed-optimizer sharding ("fully_sharded_model_space")
+# cannot be loaded back; dp_reshardable can (see MEGATRON_NOTES.md).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_nonfinite_steps: int = 0
+
+
+class ConfigMismatchError(ValueError):
+    pass
+
+
+# Model fields that change how the same weights are computed, not what they are.
+IMPLEMENTATION_CHOICES = {"model.moe.token_dispatcher", "model.moe.grouped_gemm"}
+
+
+def iteration_dir(directory: Path, iteration: int) -> Path:
+    return directory / f"iter_{iteration:07d}"
+
+
+def read_latest_iteration(directory: Path) -> Optional[int]:
+    tracker = directory / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert": parallel_state.get_expert_model_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object() -> ShardedObject:
+    # One entry per global rank: a resumed job with the same layout gets its own stream back.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def latest_iteration(self) -> Optional[int]:
+        return read_latest_iteration(self.directory)
+
+    def _state_dict(self, model, optimizer, scheduler, state, config, is_loading):
+        model_sd = model.sharded_state_dict()
+        sd = {"model": model_sd, "train_state": asdict(state), "config": config, "layout": _layout()}
+        if optimizer is not None:
+            sd["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+            )
+            sd["scheduler"] = scheduler.state_dict()
+            sd["rng_state"] = _rng_sharded_object()
+        return sd
+
+    def save(self, iteration: int, model, optimizer, scheduler, state: TrainState, config: dict) -> Path:
+        target = iteration_dir(self.directory, iteration)
+        if dist.get_rank() == 0:
+            # A leftover of a save that crashed; the tracker never pointed at it.
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        dist.barrier()
+        sd = self._state_dict(model, optimizer, scheduler, state, config, is_loading=False)
+        dist_checkpointing.save(sd, str(target))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            self._write_tracker(iteration)
+            self._remove_old()
+        dist.barrier()
+        return target
+
+    def _write_tracker(self, iteration: int) -> None:
+        tmp = self.directory / f".{TRACKER}.tmp"
+        tmp.write_text(f"{iteration}\n")
+        with open(tmp) as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / TRACKER)
+
+    def _remove_old(self) -> None:
+        complete = sorted(self.directory.glob("iter_*"))
+        latest = iteration_dir(self.directory, self.latest_iteration())
+        for old in [p for p in complete if p != latest][: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self, model, optimizer, scheduler, config: dict, iteration: Optional[int] = None,
+        strict_layout_rng: bool = True,
+    ) -> TrainState:
+        """Restore everything in place; returns the training state to continue from.
+
+        ``optimizer=None`` loads the weights only (a new run initialised from a checkpoint).
+        """
+        iteration = self.latest_iteration() if iteration is None else iteration
+        if iteration is None:
+            raise FileNotFoundError(f"no {TRACKER} in {self.directory}")
+        source = iteration_dir(self.directory, iteration)
+        if not source.is_dir():
+            raise FileNotFoundError(f"checkpoint {source} does not exist")
+        saved = dist_checkpointing.load_common_state_dict(str(source))
+        check_model_config(saved.get("config", {}), config, source)
+        same_world = saved.get("layout") == _layout()
+        sd = self._state_dict(model, optimizer, scheduler, TrainState(), config, is_loading=True)
+        if optimizer is not None and not same_world:
+            # RNG streams belong to ranks of the saving layout; a new layout reseeds.
+            sd.pop("rng_state")
+        loaded = dist_checkpointing.load(sd, str(source))
+        model.load_state_dict(loaded["model"])
+        if optimizer is None:
+            return TrainState()
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        if "rng_state" in loaded:
+            _set_rng_state(loaded["rng_state"])
+        return TrainState(**loaded["train_state"])
+
+
+def check_model_config(saved: dict, current: dict, source: Path) -> None:
+    """The model must be the one that was saved; list every field that differs."""
+    diffs = []
+
+    def walk(a, b, path):
+        if path in IMPLEMENTATION_CHOICES:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}")
+        elif a != b:
+            diffs.append(f"{path}: checkpoint has {a!r}, this run has {b!r}")
+
+    walk(saved.get("model", {}), current.get("model", {}), "model")
+    if diffs:
+        raise ConfigMismatchError(
+            f"checkpoint {source} was saved for a different model:\n  " + "\n  ".join(diffs)
+        )

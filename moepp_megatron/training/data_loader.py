@@ -1,0 +1,53 @@
+"""Deterministic, resumable batches: the global sample order is fixed by the dataset (which
+megatron already shuffles with the run's seed), so the iterator's position is just the
+number of samples consumed. Each iteration consumes one global batch; each data-parallel
+rank reads its contiguous slice of every micro-batch group, as Megatron-LM's
+``MegatronPretrainingSampler`` does."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class PretrainingBatchSampler(Sampler[list[int]]):
+    def __init__(
+        self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> None:
+        if consumed_samples >= total_samples:
+            raise ValueError(f"consumed_samples={consumed_samples} >= dataset size {total_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        group = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed_samples, self.total_samples - group + 1, group):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
+
+
+def build_data_iterator(
+    dataset: Dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+    num_workers: int,
+) -> Iterator[dict]:
+    """Micro-batches for this data-parallel rank, starting after ``consumed_samples``."""
+    sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)

@@ -1,0 +1,308 @@
+"""The pretraining loop. It wires components built elsewhere (model builder, data,
+optimizer, checkpointer, metrics) and owns only the order of things: restore, then
+step -> log -> evaluate -> checkpoint, until done or asked to stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+
+from moepp_megatron.config.loader import to_dict
+from moepp_megatron.config.schema import RunConfig
+from moepp_megatron.data.blend import build_gpt_datasets
+from moepp_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
+from moepp_megatron.model.builder import build_model
+from moepp_megatron.moepp.statistics import collect_routing_statistics
+from moepp_megatron.parallel.initialize import initialize_parallel
+from moepp_megatron.training.checkpointing import Checkpointer, TrainState
+from moepp_megatron.training.data_loader import build_data_iterator
+from moepp_megatron.training.forward_step import gpt_forward_step
+from moepp_megatron.training.metrics import MetricsLogger
+from moepp_megatron.training.optimizer import build_optimizer
+
+# Preempted or out of time (SIGTERM / SIGUSR1): checkpoint saved, run again to resume.
+EXIT_PREEMPTED = 75
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class BatchGeometry:
+    global_batch_size: int  # sequences per optimizer step
+    micro_batch_size: int
+    num_microbatches: int  # per data-parallel rank
+    seq_length: int
+    train_iters: int
+
+
+def batch_geometry(config: RunConfig, data_parallel_size: int) -> BatchGeometry:
+    t, seq = config.training, config.model.seq_length
+    if t.global_batch_tokens % seq:
+        raise ValueError(
+            f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"model.seq_length={seq}"
+        )
+    global_batch = t.global_batch_tokens // seq
+    per_step = t.micro_batch_size * data_parallel_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"training.global_batch_tokens gives {global_batch} sequences per step, not a "
+            f"multiple of micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+            f"({data_parallel_size})"
+        )
+    train_iters = t.train_iters if t.train_iters is not None else t.train_tokens // t.global_batch_tokens
+    if train_iters < 1:
+        raise ValueError("training.train_tokens is smaller than one global batch")
+    return BatchGeometry(global_batch, t.micro_batch_size, global_batch // per_step, seq, train_iters)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        p = config.parallel
+        initialize_parallel(
+            tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
+            virtual_pipeline_parallel=p.virtual_pipeline, seed=config.seed, cpu_mode=p.cpu_mode,
+        )
+        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+        self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
+        self.geometry = batch_geometry(config, parallel_state.get_data_parallel_world_size())
+        self.bf16 = config.training.bf16 and not p.cpu_mode
+
+        tokenizer = load_tokenizer(config.data.tokenizer_model)
+        vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor, config.data.vocab_size_divisible_by)
+        self.model_config = dataclasses.replace(config.model, vocab_size=vocab)
+        self.resolved_config = to_dict(dataclasses.replace(config, model=self.model_config))
+        self.gpt = build_model(self.model_config, p, bf16=self.bf16)
+        self.model = self._wrap(self.gpt)
+        self.optimizer, self.scheduler = build_optimizer(
+            [self.model], config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters
+        )
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+        self.state = self._restore()
+
+        g = self.geometry
+        self.train_data, self.valid_data = build_gpt_datasets(
+            config.data, seq_length=g.seq_length, tokenizer=tokenizer,
+            train_samples=g.train_iters * g.global_batch_size,
+            valid_samples=config.training.eval_iters * g.global_batch_size,
+            test_samples=0, seed=config.seed,
+        )[:2]
+        self.train_iterator = self._batches(self.train_data, self.state.consumed_samples)
+        self._stop_signal = None
+        self._nonfinite_in_a_row = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _wrap(self, gpt):
+        if not self.config.parallel.cpu_mode:
+            gpt.cuda(torch.cuda.current_device())
+        module = Float16Module(gpt.config, gpt) if self.bf16 else gpt
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=self.config.optim.use_distributed_optimizer,
+        )
+        gpt.config.finalize_model_grads_func = finalize_model_grads
+        return DistributedDataParallel(gpt.config, ddp_config, module)
+
+    def _restore(self) -> TrainState:
+        ckpt = self.config.checkpoint
+        if ckpt.resume and self.checkpointer.latest_iteration() is not None:
+            state = self.checkpointer.load(
+                self.gpt, self.optimizer, self.scheduler, self.resolved_config
+            )
+            self.metrics.print(f"resumed from {self.checkpointer.directory} at iteration {state.iteration}")
+            return state
+        if ckpt.init_from:
+            Checkpointer(ckpt.init_from, keep_last=1).load(self.gpt, None, None, self.resolved_config)
+            self.metrics.print(f"initialised weights from {ckpt.init_from} (new run, iteration 0)")
+        return TrainState()
+
+    def _batches(self, dataset, consumed_samples: int):
+        return build_data_iterator(
+            dataset, consumed_samples=consumed_samples,
+            micro_batch_size=self.geometry.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            num_workers=self.config.data.num_workers,
+        )
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only record it: the current step finishes, then every rank stops together.
+        self._stop_signal = signal.Signals(signum).name
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def _device(self) -> torch.device:
+        return torch.device("cpu") if self.config.parallel.cpu_mode else torch.device("cuda")
+
+    def _mean_loss(self, losses: list[dict]) -> float:
+        """Mean lm loss over micro-batches and data-parallel ranks, on every rank."""
+        total = torch.zeros(2, device=self._device)
+        # Losses live on the last pipeline stage, identical across its TP ranks: count one.
+        if losses and parallel_state.get_tensor_model_parallel_rank() == 0:
+            total[0] = torch.stack([item["lm loss"] for item in losses]).sum()
+            total[1] = len(losses)
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def train_step(self) -> dict:
+        g = self.geometry
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        start = time.perf_counter()
+        losses = get_forward_backward_func()(
+            forward_step_func=gpt_forward_step, data_iterator=self.train_iterator,
+            model=[self.model], num_microbatches=g.num_microbatches, seq_length=g.seq_length,
+            micro_batch_size=g.micro_batch_size, forward_only=False,
+        )
+        loss = self._mean_loss(losses)
+        self.state.consumed_samples += g.global_batch_size
+        self.state.iteration += 1
+        if not math.isfinite(loss):
+            return self._skip_nonfinite(loss)
+        self._nonfinite_in_a_row = 0
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        return {
+            "lm_loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": g.global_batch_size * g.seq_length / elapsed,
+            "step_time_s": elapsed,
+        }
+
+    def _skip_nonfinite(self, loss: float) -> dict:
+        self.state.skipped_nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        limit = self.config.training.max_nonfinite_steps
+        self.metrics.print(
+            f"iteration {self.state.iteration}: lm loss is {loss}; step skipped "
+            f"({self._nonfinite_in_a_row} in a row, limit {limit})"
+        )
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} consecutive steps with a non-finite loss (limit "
+                f"training.max_nonfinite_steps={limit}); stopping at iteration "
+                f"{self.state.iteration}. The last checkpoint is in {self.checkpointer.directory}."
+            )
+        return {"lm_loss": loss, "skipped": True}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        g = self.geometry
+        data = self._batches(self.valid_data, 0)
+        losses = []
+        for _ in range(self.config.training.eval_iters):
+            losses += get_forward_backward_func()(
+                forward_step_func=gpt_forward_step, data_iterator=data, model=[self.model],
+                num_microbatches=g.num_microbatches, seq_length=g.seq_length,
+                micro_batch_size=g.micro_batch_size, forward_only=True,
+            )
+        self.model.train()
+        return self._mean_loss(losses)
+
+    def _moe_metrics(self, steps: int) -> dict:
+        reduce_aux_losses_tracker_across_ranks()
+        tracker = get_moe_layer_wise_logging_tracker()
+        scale = 1.0 / (steps * self.geometry.num_microbatches)
+        aux = {name: [v * scale for v in entry["values"].tolist()] for name, entry in tracker.items()}
+        clear_aux_losses_tracker()
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        stats = collect_routing_statistics(self.gpt, reduce_group=group)
+        return {
+            **aux,
+            "routing": {
+                f"layer_{s.layer}": {
+                    "ffn_experts_per_token": s.ffn_experts_per_token,
+                    "zc_share": s.zc_share,
+                    "ffn_load_imbalance": s.ffn_load_imbalance,
+                    "dropped_fraction": s.dropped_fraction,
+                }
+                for s in stats
+            },
+        }
+
+    def save(self) -> None:
+        path = self.checkpointer.save(
+            self.state.iteration, self.gpt, self.optimizer, self.scheduler, self.state,
+            self.resolved_config,
+        )
+        self.metrics.print(f"saved checkpoint {path}")
+
+    def run(self) -> int:
+        """Train to the end (exit code 0) or until a stop signal (EXIT_PREEMPTED)."""
+        cfg, g = self.config, self.geometry
+        self.metrics.print(f"training {g.train_iters} iterations from {self.state.iteration}: "
+                           f"{g.global_batch_size} x {g.seq_length} tokens per step, "
+                           f"{g.num_microbatches} micro-batches of {g.micro_batch_size} per rank")
+        last_saved, since_log, job_start = self.state.iteration, 0, self.state.iteration
+        try:
+            while self.state.iteration < g.train_iters:
+                result = self.train_step()
+                since_log += 1
+                it = self.state.iteration
+                if it % cfg.logging.interval == 0 or it == g.train_iters:
+                    record = {**result, "consumed_tokens": self.state.consumed_samples * g.seq_length,
+                              **self._moe_metrics(since_log)}
+                    self.metrics.log(it, record)
+                    self.metrics.print(_summary_line(it, record))
+                    since_log = 0
+                if it % cfg.training.eval_interval == 0 or it == g.train_iters:
+                    valid = self.evaluate()
+                    self.metrics.log(it, {"lm_loss": valid}, prefix="valid")
+                    self.metrics.print(f"iteration {it}: validation lm loss {valid:.4f}")
+                if it % cfg.checkpoint.save_interval == 0:
+                    self.save()
+                    last_saved = it
+                stop = self._stop_requested()
+                budget = cfg.training.exit_after_iters
+                if stop or (budget is not None and it - job_start >= budget):
+                    if last_saved != it:
+                        self.save()
+                    self.metrics.print(f"stopping at iteration {it}" + (f" ({self._stop_signal})" if stop else ""))
+                    return EXIT_PREEMPTED if stop else 0
+            if last_saved != self.state.iteration:
+                self.save()
+            return 0
+        finally:
+            self.metrics.close()
+
+
+def _summary_line(iteration: int, record: dict) -> str:
+    if record.get("skipped"):
+        return f"iteration {iteration}: skipped (non-finite loss)"
+    lb = record.get("load_balancing_loss", [])
+    return (
+        f"iteration {iteration:6d} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+        f"lb loss {sum(lb) / max(len(lb), 1):.4f}"
+    )
