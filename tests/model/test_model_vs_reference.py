@@ -78,6 +78,8 @@ def test_model_matches_reference(single_process, name):
         assert any(dropped), "capacity case must drop something"
 
     grads = hf_grads(gpt, model)
+    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
+    print(f"max |grad diff| = {worst:.2e}")
     assert grads.keys() == weights.keys()
     for key, param in weights.items():
         expected = param.grad if param.grad is not None else torch.zeros_like(param)

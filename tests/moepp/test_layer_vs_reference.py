@@ -90,6 +90,8 @@ def test_layer_matches_reference(single_process, case):
     if case["gating_residual"]:
         torch.testing.assert_close(residual_grad.view(-1, num_experts), ref_residual.grad, **TOL)
     grads = hf_grads(layer, model, prefix="decoder.layers.0.mlp.")
+    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
+    print(f"max |grad diff| = {worst:.2e}")
     assert grads.keys() == weights.keys()
     for name, ref_param in weights.items():
         expected = ref_param.grad if ref_param.grad is not None else torch.zeros_like(ref_param)
