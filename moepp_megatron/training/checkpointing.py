@@ -119,12 +119,12 @@ class Checkpointer:
             # A leftover of a save that crashed; the tracker never pointed at it.
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
-            (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         dist.barrier()
         sd = self._state_dict(model, optimizer, scheduler, state, config, is_loading=False)
         dist_checkpointing.save(sd, str(target))
         dist.barrier()
         if dist.get_rank() == 0:
+            (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             self._write_tracker(iteration)
             self._remove_old()
         dist.barrier()
