@@ -1,0 +1,134 @@
+"""Weighted sources -> megatron's train / valid / test GPT datasets.
+
+``resolve_sources`` turns ``data.mixture`` (a YAML file ``sources: [{prefix, weight}, ...]``,
+see ``configs/data/``) or inline ``data.sources`` into absolute prefixes; ``check_sources``
+names every missing ``.bin``/``.idx`` before anything heavy starts; ``build_gpt_datasets``
+hands the blend to megatron's ``BlendedMegatronDatasetBuilder``, which splits every source
+by ``data.split``, builds a ``GPTDataset`` per source and split (sample, shuffle and
+document indices cached under ``data.cache_dir``) and a ``BlendedDataset`` drawing from
+them in proportion to the normalised weights.
+
+Every sample is megatron's dict: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``,
+``attention_mask``, plus ``dataset_id`` (the source's position in the blend) when there is
+more than one source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from moepp_megatron.config.loader import from_dict
+from moepp_megatron.config.schema import DataConfig, DataSource
+
+__all__ = ["Mixture", "build_gpt_datasets", "check_sources", "resolve_sources"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Mixture:
+    """The content of a mixture file (``configs/data/*.yaml``)."""
+
+    sources: list[DataSource] = field(default_factory=list)
+
+
+def resolve_sources(data_cfg: DataConfig, config_dir: Path | None = None) -> list[DataSource]:
+    """The blend's sources with absolute prefixes (weights as given, not normalised).
+
+    A relative ``data.mixture`` path is taken from ``config_dir`` when given, else from the
+    repository root; relative prefixes are taken from ``data.root`` (itself relative to the
+    working directory when not absolute).
+    """
+    if data_cfg.mixture:
+        sources = _read_mixture(Path(data_cfg.mixture), config_dir)
+    else:
+        sources = data_cfg.sources
+    if not sources:
+        raise ValueError("data: no sources; set data.mixture or data.sources")
+    root = Path(data_cfg.root).expanduser()
+    return [
+        DataSource(prefix=os.path.abspath(root / Path(s.prefix).expanduser()), weight=s.weight)
+        for s in sources
+    ]
+
+
+def _read_mixture(path: Path, config_dir: Path | None) -> list[DataSource]:
+    path = path.expanduser()
+    if not path.is_absolute():
+        path = (config_dir if config_dir is not None else REPO_ROOT) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"data.mixture: file not found: {path}")
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    return from_dict(Mixture, content, where=str(path)).sources
+
+
+def check_sources(sources: list[DataSource]) -> None:
+    """Raise ``FileNotFoundError`` listing every prefix whose ``.bin`` or ``.idx`` is missing."""
+    missing = []
+    for source in sources:
+        absent = [s for s in (".bin", ".idx") if not os.path.isfile(source.prefix + s)]
+        if absent:
+            missing.append(f"  {source.prefix} (no {' or '.join(absent)})")
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(sources)} data source(s) missing; run moepp-preprocess "
+            "for each (see configs/data/):\n" + "\n".join(missing)
+        )
+
+
+def build_gpt_datasets(
+    data_cfg: DataConfig,
+    *,
+    seq_length: int,
+    tokenizer,
+    train_samples: int,
+    valid_samples: int,
+    test_samples: int,
+    seed: int,
+    config_dir: Path | None = None,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+):
+    """(train, valid, test) datasets of the blend; a split with no share in ``data.split`` is
+    None.
+
+    Call on every rank, after ``torch.distributed`` is initialised: megatron builds the
+    index files on rank 0 first, then the other ranks read them from the cache. By default
+    every rank gets the datasets; Megatron-LM instead passes "first or last pipeline stage
+    and tensor-parallel rank 0" and broadcasts batches over the TP group (``None`` elsewhere).
+    ``tokenizer`` is the object :func:`moepp_megatron.data.tokenizer.load_tokenizer` returns.
+    """
+    if not torch.distributed.is_initialized():
+        raise RuntimeError(
+            "build_gpt_datasets: initialise torch.distributed first (a single process too: "
+            "megatron's dataset builder synchronises ranks through it)"
+        )
+    sources = resolve_sources(data_cfg, config_dir)
+    check_sources(sources)
+    total = sum(s.weight for s in sources)
+    # One source: no BlendedDataset around it (megatron builds one otherwise, and warns).
+    weights = [s.weight / total for s in sources] if len(sources) > 1 else None
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([s.prefix for s in sources], weights),
+        split=data_cfg.split,
+        path_to_cache=data_cfg.cache_dir and os.path.abspath(data_cfg.cache_dir),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=data_cfg.eod_mask_loss,
+    )
+    sizes = [train_samples, valid_samples, test_samples]
+    train, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, is_built_on_rank, config
+    ).build()
+    return train, valid, test
