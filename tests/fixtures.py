@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from moepp_megatron.data.local_corpus import python_docs_corpus, train_sentencepiece
 
 
 def tiny_sentencepiece(directory: Path, vocab_size: int = 400) -> Path:
-    """Train a LLaMA-2 style sentencepiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2,
-    no pad) on the English help texts every CPython ships (``pydoc_data.topics``); returns
-    the ``.model`` path. Takes well under a second; deterministic for a given vocab size."""
-    import sentencepiece as spm
+    """A LLaMA-2 style sentencepiece model trained on CPython's help topics (< 0.1 s)."""
     from pydoc_data.topics import topics
 
-    # sentencepiece drops "sentences" over 4 kB, so train on lines, not whole topics.
-    lines = [line for name in sorted(topics) for line in topics[name].splitlines() if line.strip()]
-    path = Path(directory) / f"tiny-{vocab_size}.model"
-    with open(path, "wb") as model_file:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model_file,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,
-            minloglevel=2,
-        )
-    return path
+    documents = [topics[name] for name in sorted(topics)]
+    return train_sentencepiece(documents, Path(directory) / f"tiny-{vocab_size}.model", vocab_size)
+
+
+def tiny_blend(directory: Path) -> tuple[Path, list[Path]]:
+    """(tokenizer model, three dataset prefixes) built from CPython's own documentation."""
+    from moepp_megatron.data.preprocess import preprocess
+
+    directory = Path(directory)
+    tokenizer = tiny_sentencepiece(directory)
+    prefixes = []
+    for name, documents in python_docs_corpus().items():
+        raw = directory / f"{name}.jsonl"
+        raw.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents))
+        preprocess([str(raw)], directory / name, tokenizer)
+        prefixes.append(directory / name)
+    return tokenizer, prefixes
