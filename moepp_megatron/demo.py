@@ -1,143 +1,114 @@
-"""The embedded default job: a tiny MoE++ model trained for a few steps with expert
-parallelism, on CPU, on synthetic data. It exercises the real path (megatron GPTModel
-with MoE++ layers, the alltoall dispatcher across 2 ranks, DDP, the megatron optimizer
-and pipeline schedule) and prints the loss, load-balance losses and routing statistics.
+"""The embedded default job: an offline, end-to-end MoE++ pretraining demo on CPU.
 
-    moepp-demo                      # 2 processes, configs/tiny-cpu.yaml
-    moepp-demo --steps 50 model.moe.tau=0.5
+1. builds a corpus of three sources from text every CPython ships (no downloads);
+2. trains a small sentencepiece tokenizer and preprocesses each source into a Megatron
+   indexed dataset, blended 50/30/20;
+3. pretrains the tiny MoE++ model (configs/demo-cpu.yaml) with expert parallelism 2 on 2
+   processes, with validation and checkpoints, stops half-way, resumes from the
+   checkpoint, and finishes;
+4. prints a summary: loss curve start/end, routing statistics, where things are.
 
-Run outside torchrun, it launches itself on ``--nproc`` local processes.
+    moepp-demo                          # a few minutes on 2 CPU cores
+    moepp-demo --steps 100 model.moe.tau=0.5
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
-import warnings
+import time
 from pathlib import Path
 
-import torch
+import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
+BLEND = {"reference": 0.5, "library": 0.3, "builtins": 0.2}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--nproc", type=int, default=2, help="processes to launch (outside torchrun)")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--workdir", default="runs/demo", help="data and run directory")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if "RANK" not in os.environ:
-        _launch_local(args.nproc, argv)
-        return
-    run(args)
+def prepare_data(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
+    """Tokenizer and mixture file; reused when already there."""
+    from moepp_megatron.data.local_corpus import python_docs_corpus, train_sentencepiece
+    from moepp_megatron.data.preprocess import preprocess
+
+    tokenizer = data_dir / "tokenizer.model"
+    mixture = data_dir / "mixture.yaml"
+    if tokenizer.is_file() and mixture.is_file():
+        return tokenizer, mixture
+    corpus = python_docs_corpus()
+    train_sentencepiece([doc for docs in corpus.values() for doc in docs], tokenizer, vocab_size)
+    sources = []
+    for name, documents in corpus.items():
+        raw = data_dir / f"{name}.jsonl"
+        raw.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents))
+        summary = preprocess([str(raw)], data_dir / name, tokenizer)
+        print(f"  {name}: {summary.documents} documents, {summary.tokens:,} tokens, weight {BLEND[name]}")
+        sources.append({"prefix": str((data_dir / name).resolve()), "weight": BLEND[name]})
+    mixture.write_text(yaml.safe_dump({"sources": sources}))
+    return tokenizer, mixture
 
 
-def _launch_local(nproc: int, argv) -> None:
-    from torch.distributed.run import main as torchrun
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moepp_megatron.demo", *argv])
-
-
-def synthetic_batches(vocab_size: int, batch: int, seq: int, seed: int):
-    """Sequences counting up with a per-sequence stride: learnable, so the loss falls."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(0, vocab_size, (batch, 1), generator=generator)
-        stride = torch.randint(1, 4, (batch, 1), generator=generator)
-        tokens = (start + stride * torch.arange(seq + 1)) % vocab_size
-        yield dict(
-            tokens=tokens[:, :-1],
-            labels=tokens[:, 1:],
-            loss_mask=torch.ones(batch, seq),
-            position_ids=torch.arange(seq).expand(batch, -1),
-        )
+def train(nproc: int, overrides: list[str]) -> int:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "moepp_megatron.training.train", "--config", str(CONFIG), *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, env=env).returncode
 
 
-def run(args) -> None:
-    # megatron warns on import about optional GPU libraries; irrelevant for this CPU demo.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|deprecated).*")
-    from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
+def summarize(run_dir: Path, seconds: float) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "lm_loss" in r]
+    valid = [(r["iteration"], r["valid"]["lm_loss"]) for r in records if "valid" in r]
+    last = train[-1]
+    print("\n=== MoE++ demo summary ===")
+    print(f"wall time            {seconds:.0f} s")
+    print(f"train lm loss        {train[0]['lm_loss']:.3f} (iteration {train[0]['iteration']}) -> "
+          f"{last['lm_loss']:.3f} (iteration {last['iteration']})")
+    print("validation lm loss   " + ", ".join(f"{v:.3f} @ {i}" for i, v in valid))
+    for layer, stats in last["routing"].items():
+        zc = ", ".join(f"{kind} {share:.0%}" for kind, share in stats["zc_share"].items())
+        print(f"{layer:20s} {stats['ffn_experts_per_token']:.2f} FFN experts/token | ZC slots: {zc} | "
+              f"FFN load max/mean {stats['ffn_load_imbalance']:.2f} | dropped {stats['dropped_fraction']:.1%}")
+    print(f"checkpoints          {run_dir / 'checkpoints'}")
+    print(f"metrics              {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
 
-    from moepp_megatron.config import load_config
-    from moepp_megatron.model.builder import build_model
-    from moepp_megatron.moepp.statistics import collect_routing_statistics
-    from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
-    from moepp_megatron.training.forward_step import gpt_forward_step
 
-    config = load_config(args.config, args.overrides)
-    parallel = config.parallel
-    initialize_parallel(
-        tensor_parallel=parallel.tensor,
-        pipeline_parallel=parallel.pipeline,
-        expert_parallel=parallel.expert,
-        seed=config.seed,
-        cpu_mode=parallel.cpu_mode,
-    )
-    rank = torch.distributed.get_rank()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    gpt = build_model(config.model, parallel)
-    if not parallel.cpu_mode:
-        gpt.cuda()
-    ddp = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
-    gpt.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.1, clip_grad=1.0), [ddp]
-    )
-    num_params = sum(p.numel() for p in gpt.parameters())
-    say(f"MoE++ demo: {torch.distributed.get_world_size()} ranks, EP={parallel.expert}, "
-        f"{num_params:,} parameters on rank 0, {args.steps} steps")
-
-    data = synthetic_batches(
-        config.model.vocab_size, args.micro_batch_size, config.model.seq_length,
-        seed=config.seed + parallel_state.get_data_parallel_rank(),
-    )
-    dp_group = parallel_state.get_data_parallel_group()
-    for step in range(1, args.steps + 1):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=gpt_forward_step, data_iterator=data, model=[ddp],
-            num_microbatches=1, seq_length=config.model.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        loss = torch.stack([item["lm loss"] for item in losses]).mean()
-        torch.distributed.all_reduce(loss, group=dp_group)
-        loss /= dp_group.size()
-        reduce_aux_losses_tracker_across_ranks()
-        lb = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].tolist()
-        clear_aux_losses_tracker()
-        say(f"step {step:3d}  lm loss {loss.item():.4f}  grad norm {grad_norm:.3f}  "
-            f"load-balance loss per layer {[round(v, 4) for v in lb]}")
-    for stats in collect_routing_statistics(gpt, reduce_group=dp_group):
-        zc = ", ".join(f"{kind} {share:.1%}" for kind, share in stats.zc_share.items())
-        say(f"layer {stats.layer}: {stats.ffn_experts_per_token:.2f} FFN experts/token, "
-            f"ZC slots: {zc}, FFN load max/mean {stats.ffn_load_imbalance:.2f}, "
-            f"dropped {stats.dropped_fraction:.1%}")
-    destroy_parallel()
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    workdir = Path(args.workdir).resolve()
+    run_dir = workdir / "run"
+    start = time.monotonic()
+    print(f"[1/3] building an offline corpus and tokenizer in {workdir / 'data'}")
+    tokenizer, mixture = prepare_data(workdir / "data", args.vocab_size)
+    overrides = [
+        f"run_dir={run_dir}", f"data.tokenizer_model={tokenizer}", f"data.mixture={mixture}",
+        f"training.train_iters={args.steps}", *args.overrides,
+    ]
+    half = args.steps // 2
+    print(f"[2/3] pretraining on {args.nproc} processes; stopping after {half} iterations")
+    code = train(args.nproc, [*overrides, f"training.exit_after_iters={half}"])
+    if code != 0:
+        return code
+    print("[3/3] resuming from the checkpoint to the end")
+    code = train(args.nproc, overrides)
+    if code == 0:
+        summarize(run_dir, time.monotonic() - start)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,21 @@ MoE++ layer's logits from it and return their own; dense layers return it unchan
 
 from __future__ import annotations
 
+import logging
+
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+class _KnownMLPTypeFilter(logging.Filter):
+    """megatron 0.16.1 recognises MoE layers by identity (``module in (MoELayer, ...)``) and
+    logs "Unknown MLP type" for our subclass, once per layer. The fallback it announces
+    (default process groups) is what MoE++ uses, so the message is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPTypeFilter())
 
 
 class MoEPPTransformerLayer(TransformerLayer):
