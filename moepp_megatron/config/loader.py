@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import yaml
 
@@ -21,15 +21,19 @@ from moepp_megatron.config.schema import RunConfig
 T = TypeVar("T")
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a run config file (following ``base:`` links) and apply dotted overrides."""
-    data = _read_with_bases(Path(path), seen=())
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Iterable[str] = ()) -> RunConfig:
+    """Read run config file(s) (following ``base:`` links; later files win) and apply
+    dotted overrides, e.g. a model preset, then a recipe, then ``data.root=...``."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    data: dict = {}
+    for path in paths:
+        data = _merge(data, _read_with_bases(Path(path), seen=()))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected dotted.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(RunConfig, data, where=str(path))
+    return from_dict(RunConfig, data, where=" + ".join(map(str, paths)))
 
 
 def to_dict(config: Any) -> dict:

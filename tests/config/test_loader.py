@@ -57,3 +57,13 @@ def test_several_bases_merge_in_order(tmp_path):
     config = load_config(tmp_path / "run.yaml")
     assert (config.model.num_layers, config.model.hidden_size) == (4, 128)
     assert (config.optim.lr, config.seed) == (1e-4, 7)
+
+
+def test_model_preset_and_recipe_layer_in_order():
+    config = load_config(
+        [CONFIGS / "moepp-0.6b-8+4e.yaml", CONFIGS / "recipes/strategy3.yaml"], ["data.root=/data"]
+    )
+    assert config.model.moe.num_ffn_experts == 8
+    assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_iters) == (1e-4, 1e-5, 200)
+    assert config.data.mixture == "configs/data/mix-s2.yaml" and config.data.root == "/data"
+    assert config.training.train_tokens == 100_000_000_000
