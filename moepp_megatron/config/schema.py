@@ -102,6 +102,9 @@ class ParallelConfig:
     pipeline: int = 1
     expert: int = 1
     virtual_pipeline: Optional[int] = None
+    # Uneven pipeline splits: layers of the first / last stage (the rest split evenly).
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
     sequence_parallel: bool = False
     # Activation recomputation: null, "full" or "selective" (then recompute_modules applies).
     recompute: Optional[Literal["full", "selective"]] = None

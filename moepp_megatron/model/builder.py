@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -54,6 +55,8 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
         expert_model_parallel_size=parallel.expert,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=parallel.cpu_mode,
@@ -80,8 +83,12 @@ def transformer_config(
             # megatron's default (top-k, then softmax over the k) needs pre-softmax at k=1.
             moe_router_pre_softmax=moe.topk == 1,
         )
+    # The router residual rides along the activations between pipeline stages, so the
+    # p2p tensors are wider than hidden_size: let the schedules exchange shapes.
+    carries_residual = moe.gating_residual and parallel.pipeline > 1
     return MoEPPTransformerConfig(
         **common,
+        variable_seq_lengths=carries_residual,
         # MoE++ takes the softmax over all N experts before top-k (as pre-softmax does).
         moe_router_pre_softmax=True,
         moepp_num_zero_experts=moe.num_zero_experts,
@@ -95,27 +102,41 @@ def transformer_config(
     )
 
 
-def build_model(
-    model: ModelConfig,
-    parallel: ParallelConfig,
-    *,
-    bf16: bool = False,
-    pre_process: bool = True,
-    post_process: bool = True,
-    vp_stage: int | None = None,
-) -> GPTModel:
-    """One model chunk for this rank (pre/post_process select embedding and output stages)."""
+def build_model(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+
+    Needs megatron's parallel state (``initialize_parallel``) for the pipeline position.
+    """
     config = transformer_config(model, parallel, bf16=bf16)
     use_te = transformer_engine_available()
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage=vp_stage),
-        vocab_size=model.vocab_size,
-        max_sequence_length=model.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=int(model.rope_base),
-        vp_stage=vp_stage,
-    )
+    num_chunks = parallel.virtual_pipeline or 1
+    chunks = []
+    for vp_stage in range(num_chunks) if num_chunks > 1 else [None]:
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage=vp_stage),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(model.rope_base),
+            vp_stage=vp_stage,
+        )
+        _mark_residual_boundaries(gpt)
+        chunks.append(gpt)
+    return chunks
+
+
+def _mark_residual_boundaries(gpt: GPTModel) -> None:
+    """The chunk's first layer receives the router residual from the previous stage, its
+    last sends it on (see moepp.transformer_layer)."""
+    config = gpt.config
+    if not (isinstance(config, MoEPPTransformerConfig) and config.moepp_gating_residual):
+        return
+    layers = gpt.decoder.layers
+    if len(layers) == 0:
+        raise ValueError("a pipeline stage without layers cannot carry the MoE++ gating residual")
+    layers[0].receives_residual = not gpt.pre_process
+    layers[-1].sends_residual = not gpt.post_process

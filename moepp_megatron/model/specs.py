@@ -31,11 +31,10 @@ def decoder_block_spec(
 
 
 def _as_moepp(layer_spec):
-    mlp = layer_spec.submodules.mlp
-    if mlp.module is not MoELayer:
-        return layer_spec
+    # Dense layers too: they carry the router residual across pipeline stage boundaries.
     layer_spec = copy.deepcopy(layer_spec)
     layer_spec.module = MoEPPTransformerLayer
-    layer_spec.submodules.mlp.module = MoEPPLayer
-    layer_spec.submodules.mlp.submodules.router = MoEPPRouter
+    if layer_spec.submodules.mlp.module is MoELayer:
+        layer_spec.submodules.mlp.module = MoEPPLayer
+        layer_spec.submodules.mlp.submodules.router = MoEPPRouter
     return layer_spec

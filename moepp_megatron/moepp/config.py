@@ -84,40 +84,36 @@ def validate_moepp_config(c: MoEPPTransformerConfig) -> None:
 
 def _reject_unsupported(c: MoEPPTransformerConfig) -> None:
     """Stock options that would bypass or break the MoE++ router, dispatcher or residual."""
-    unsupported = {
-        "moe_expert_capacity_factor": (
-            c.moe_expert_capacity_factor is not None,
-            "use moepp_capacity_factor (heterogeneous capacity, Eq. 8)",
-        ),
-        "moe_token_dispatcher_type": (
-            c.moe_token_dispatcher_type not in ("alltoall", "allgather"),
-            "must be 'alltoall' or 'allgather' (flex re-derives top-k and assumes k FFN picks)",
-        ),
-        "moe_router_load_balancing_type": (
-            c.moe_router_load_balancing_type not in ("aux_loss", "none"),
-            "must be 'aux_loss' (the heterogeneous loss) or 'none'",
-        ),
-        "moe_router_score_function": (
-            c.moe_router_score_function != "softmax",
-            "must be 'softmax' (MoE++ routes with a softmax over all N experts)",
-        ),
-        "moe_router_enable_expert_bias": (c.moe_router_enable_expert_bias, "is not supported"),
-        "moe_router_num_groups": (c.moe_router_num_groups is not None, "is not supported"),
-        "moe_shared_expert_intermediate_size": (
-            c.moe_shared_expert_intermediate_size is not None,
-            "is not supported",
-        ),
-        "moe_latent_size": (bool(c.moe_latent_size), "is not supported"),
-        "mtp_num_layers": (bool(c.mtp_num_layers), "(MTP) cannot carry the gating residual"),
-        "cuda_graph_impl": (
-            c.cuda_graph_impl not in (None, "none"),
-            "(CUDA graphs) cannot carry the gating residual",
-        ),
-        "overlap_moe_expert_parallel_comm": (
-            c.overlap_moe_expert_parallel_comm,
-            "cannot carry the gating residual",
-        ),
-    }
-    for name, (bad, why) in unsupported.items():
+    residual_across_stages = c.moepp_gating_residual and c.pipeline_model_parallel_size > 1
+    unsupported = [
+        ("moe_expert_capacity_factor", c.moe_expert_capacity_factor is not None,
+         "use moepp_capacity_factor (heterogeneous capacity, Eq. 8)"),
+        ("moe_token_dispatcher_type", c.moe_token_dispatcher_type not in ("alltoall", "allgather"),
+         "must be 'alltoall' or 'allgather' (flex re-derives top-k and assumes k FFN picks)"),
+        ("moe_token_dispatcher_type",
+         residual_across_stages and c.moe_token_dispatcher_type == "allgather",
+         "must be 'alltoall' with pipeline parallelism and gating residuals (the residual "
+         "crosses stages in variable-shape p2p messages, which megatron's allgather "
+         "dispatcher does not support)"),
+        ("pipeline_model_parallel_layout",
+         residual_across_stages and c.pipeline_model_parallel_layout is not None,
+         "(custom pipeline layouts) is not supported with gating residuals; use "
+         "num_layers_in_first/last_pipeline_stage for uneven splits"),
+        ("moe_router_load_balancing_type", c.moe_router_load_balancing_type not in ("aux_loss", "none"),
+         "must be 'aux_loss' (the heterogeneous loss) or 'none'"),
+        ("moe_router_score_function", c.moe_router_score_function != "softmax",
+         "must be 'softmax' (MoE++ routes with a softmax over all N experts)"),
+        ("moe_router_enable_expert_bias", c.moe_router_enable_expert_bias, "is not supported"),
+        ("moe_router_num_groups", c.moe_router_num_groups is not None, "is not supported"),
+        ("moe_shared_expert_intermediate_size", c.moe_shared_expert_intermediate_size is not None,
+         "is not supported"),
+        ("moe_latent_size", bool(c.moe_latent_size), "is not supported"),
+        ("mtp_num_layers", bool(c.mtp_num_layers), "(MTP) cannot carry the gating residual"),
+        ("cuda_graph_impl", c.cuda_graph_impl not in (None, "none"),
+         "(CUDA graphs) cannot carry the gating residual"),
+        ("overlap_moe_expert_parallel_comm", c.overlap_moe_expert_parallel_comm,
+         "cannot carry the gating residual"),
+    ]
+    for name, bad, why in unsupported:
         if bad:
             _fail(name, why)

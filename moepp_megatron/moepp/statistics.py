@@ -9,9 +9,15 @@ tokens: data parallel, and tensor parallel under sequence parallelism) and reset
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 
 from moepp_megatron.moepp.router import MoEPPRouter
 
@@ -74,3 +80,26 @@ def _summarise(router: MoEPPRouter, counts: torch.Tensor) -> LayerRoutingStats:
         ffn_load_imbalance=(ffn_kept.max() / ffn_kept.mean().clamp_min(1e-9)).item(),
         dropped_fraction=((picked - kept).sum() / picked.sum().clamp_min(1.0)).item(),
     )
+
+
+def collect_aux_losses(config, track_names: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """Per-layer aux losses (summed over the micro-batches since the last call), reduced
+    like megatron reduces them (sum over TP/CP shares, mean over DP, gathered over PP) and
+    then cleared. A pipeline stage without MoE layers contributes zeros instead of
+    skipping the collective, which would hang the stages that have them."""
+    if track_names is None:
+        track_names = ["load_balancing_loss"] + (["z_loss"] if config.moe_z_loss_coeff else [])
+    tracker = get_moe_layer_wise_logging_tracker()
+    device = "cpu" if not torch.cuda.is_available() else torch.cuda.current_device()
+    for name in track_names:
+        if name not in tracker:
+            tracker[name] = {
+                "values": torch.zeros(config.num_layers, device=device),
+                "reduce_group": None,
+                "avg_group": None,
+                "reduce_group_has_dp": False,
+            }
+    reduce_aux_losses_tracker_across_ranks(list(track_names))
+    values = {name: tracker[name]["values"].tolist() for name in track_names}
+    clear_aux_losses_tracker()
+    return values

@@ -55,7 +55,7 @@ def test_model_matches_reference(single_process, name):
     num_layers = len(case["layer_freq"]) if "layer_freq" in case else 2
     model = tiny_model(num_layers=num_layers, aux_loss_coeff=BETA, **case)
     torch.manual_seed(0)
-    gpt = build_model(model, ParallelConfig(cpu_mode=True))
+    (gpt,) = build_model(model, ParallelConfig(cpu_mode=True))
     gpt.train()
     ids = torch.randint(0, model.vocab_size, (BATCH, SEQ))
     labels = torch.randint(0, model.vocab_size, (BATCH, SEQ))

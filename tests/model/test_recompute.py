@@ -22,7 +22,8 @@ from tests.tiny_models import tiny_model
 
 def _gradients(model, parallel, ids, labels):
     torch.manual_seed(0)
-    gpt = build_model(model, parallel).train()
+    (gpt,) = build_model(model, parallel)
+    gpt.train()
     get_moe_layer_wise_logging_tracker().clear()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     positions = torch.arange(ids.shape[1]).expand_as(ids)

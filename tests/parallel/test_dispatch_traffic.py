@@ -17,7 +17,8 @@ def _count_traffic_rank(model):
 
     from moepp_megatron.moepp.router import MoEPPRouter
 
-    gpt = workers.setup(model, ParallelConfig(cpu_mode=True, expert=2), seed=3).eval()
+    (gpt,) = workers.setup(model, ParallelConfig(cpu_mode=True, expert=2), seed=3)
+    gpt.eval()
     rows_exchanged, ffn_assignments, zc_only_tokens, tokens = [], [], [], []
     real_all_to_all = token_dispatcher.all_to_all
 

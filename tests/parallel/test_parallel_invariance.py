@@ -1,4 +1,7 @@
-"""Parallel layouts compute the same model: EP=1/2/4 with both dispatchers, TP=2 + SP.
+"""Parallel layouts compute the same model: EP=1/2/4 with both dispatchers, TP=2 + SP,
+pipeline parallelism (1F1B and interleaved, uneven splits, dense layers, a stage without
+MoE++ layers, recompute) with the gating residual crossing stage boundaries, and the
+combinations PP x EP, PP x TP, TP x EP, DP x EP.
 
 The reference is one process running the same global batch as micro-batches. Each
 layout loads the reference's initial weights from a dist checkpoint, runs one training
@@ -26,6 +29,11 @@ TOL = dict(rtol=1e-4, atol=1e-6)
 MODELS = {
     "capacity": tiny_model(routing="release", router="mlp", capacity_factor=1.0),
     "dropless": tiny_model(routing="paper", router="linear"),
+    # Capacity is per micro-batch and pipelining does not split tokens: comparable.
+    "deep": tiny_model(num_layers=4, routing="release", router="mlp", capacity_factor=1.0),
+    "deep-dropless": tiny_model(num_layers=4, routing="paper"),
+    # Layer 1 is dense: with first_stage_layers=1, stage 0 has no MoE++ layer at all.
+    "dense-first": tiny_model(num_layers=4, routing="paper", layer_freq=[0, 1, 1, 1]),
 }
 
 
@@ -34,26 +42,26 @@ def _batches(model):
 
 
 def _reference_rank(model, init_dir):
-    gpt = workers.setup(model, ParallelConfig(cpu_mode=True))
-    workers.save_checkpoint(gpt, init_dir)
-    result = workers.train_step(gpt, _batches(model))
-    workers.grads_into_params(gpt)
-    return {**result, "grads": workers.full_state(gpt)}
+    chunks = workers.setup(model, ParallelConfig(cpu_mode=True))
+    workers.save_checkpoint(chunks, init_dir)
+    result = workers.train_step(chunks, _batches(model))
+    workers.grads_into_params(chunks)
+    return {**result, "grads": workers.full_state(chunks)}
 
 
 def _layout_rank(model, parallel, init_dir, grads_dir):
-    gpt = workers.setup(model, parallel)
-    workers.load_checkpoint(gpt, init_dir)
-    result = workers.train_step(gpt, _batches(model))
-    workers.grads_into_params(gpt)
-    workers.save_checkpoint(gpt, grads_dir)
+    chunks = workers.setup(model, parallel)
+    workers.load_checkpoint(chunks, init_dir)
+    result = workers.train_step(chunks, _batches(model))
+    workers.grads_into_params(chunks)
+    workers.save_checkpoint(chunks, grads_dir)
     return result
 
 
 def _load_full_rank(model, directory):
-    gpt = workers.setup(model, ParallelConfig(cpu_mode=True))
-    workers.load_checkpoint(gpt, directory)
-    return workers.full_state(gpt)
+    chunks = workers.setup(model, ParallelConfig(cpu_mode=True))
+    workers.load_checkpoint(chunks, directory)
+    return workers.full_state(chunks)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +74,22 @@ def references(tmp_path_factory):
     return out
 
 
+SP = dict(sequence_parallel=True)
 LAYOUTS = {
     "ep2-allgather": ("capacity", 2, dict(expert=2), "allgather"),
     "ep2-alltoall": ("capacity", 2, dict(expert=2), "alltoall"),
     "ep4-allgather": ("capacity", 4, dict(expert=4), "allgather"),
     "ep4-alltoall": ("capacity", 4, dict(expert=4), "alltoall"),
-    "tp2-sp-allgather": ("dropless", 2, dict(tensor=2, sequence_parallel=True), "allgather"),
-    "tp2-sp-alltoall": ("dropless", 2, dict(tensor=2, sequence_parallel=True), "alltoall"),
+    "tp2-sp-allgather": ("dropless", 2, dict(tensor=2, **SP), "allgather"),
+    "tp2-sp-alltoall": ("dropless", 2, dict(tensor=2, **SP), "alltoall"),
+    "pp2": ("deep", 2, dict(pipeline=2), "alltoall"),
+    "pp2-recompute": ("deep", 2, dict(pipeline=2, recompute="full"), "alltoall"),
+    "pp2-vpp2": ("deep", 2, dict(pipeline=2, virtual_pipeline=2), "alltoall"),
+    "pp2-uneven-dense-stage": ("dense-first", 2, dict(pipeline=2, first_stage_layers=1), "alltoall"),
+    "pp2-ep2": ("deep", 4, dict(pipeline=2, expert=2), "alltoall"),
+    "dp2-ep2": ("deep", 4, dict(expert=2), "alltoall"),
+    "tp2-ep2-sp": ("deep-dropless", 4, dict(tensor=2, expert=2, **SP), "alltoall"),
+    "pp2-tp2-sp": ("deep-dropless", 4, dict(pipeline=2, tensor=2, **SP), "alltoall"),
 }
 
 

@@ -9,7 +9,8 @@ import torch
 from moepp_megatron.config.schema import ModelConfig, ParallelConfig
 
 
-def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0):
+def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0) -> list:
+    """This rank's model chunks (one per virtual pipeline stage)."""
     from moepp_megatron.model.builder import build_model
     from moepp_megatron.parallel.initialize import initialize_parallel
 
@@ -24,16 +25,19 @@ def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0):
     return build_model(model_cfg, parallel)
 
 
-def save_checkpoint(gpt, directory: str) -> None:
+def save_checkpoint(chunks: list, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(gpt.sharded_state_dict(), directory)
+    dist_checkpointing.save({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}, directory)
 
 
-def load_checkpoint(gpt, directory: str) -> None:
+def load_checkpoint(chunks: list, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), directory))
+    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    loaded = dist_checkpointing.load(sharded, directory)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
 
 
 def microbatches(vocab_size: int, count: int, batch: int, seq: int, seed: int = 7) -> list[dict]:
@@ -52,9 +56,10 @@ def microbatches(vocab_size: int, count: int, batch: int, seq: int, seed: int = 
     return out
 
 
-def train_step(gpt, batches: list[dict]) -> dict:
+def train_step(chunks: list, batches: list[dict]) -> dict:
     """Forward+backward over this data-parallel rank's share of ``batches``; grads are
-    finalised (DP/EP all-reduce, SP layernorm/router reduction) into ``param.main_grad``."""
+    finalised (DP/EP all-reduce, SP layernorm/router reduction, PP embedding sync) into
+    ``param.main_grad``."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -62,49 +67,51 @@ def train_step(gpt, batches: list[dict]) -> dict:
         finalize_model_grads,
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.moe_utils import (
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
+    from moepp_megatron.moepp.statistics import collect_aux_losses
     from moepp_megatron.training.forward_step import gpt_forward_step
 
-    config = gpt.config
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt
-    )
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    ddps = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = len(batches) // dp_size
     mine = batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     get_moe_layer_wise_logging_tracker().clear()
-    ddp.zero_grad_buffer()
+    for ddp in ddps:
+        ddp.zero_grad_buffer()
+    # Every chunk reads the micro-batches in step (inner stages ignore the tokens).
+    iterators = [iter(mine) for _ in ddps]
     losses = get_forward_backward_func()(
         forward_step_func=gpt_forward_step,
-        data_iterator=iter(mine),
-        model=[ddp],
+        data_iterator=iterators if len(ddps) > 1 else iterators[0],
+        model=ddps,
         num_microbatches=per_rank,
         seq_length=mine[0]["tokens"].shape[1],
         micro_batch_size=mine[0]["tokens"].shape[0],
         forward_only=False,
     )
-    reduce_aux_losses_tracker_across_ranks()
-    lb = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"] / per_rank
+    lb = torch.tensor(collect_aux_losses(config)["load_balancing_loss"]) / per_rank
     return {
         "losses": torch.stack([item["lm loss"] for item in losses]) if losses else None,
         "dp_rank": dp_rank,
-        "lb_loss": lb.clone(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "lb_loss": lb,
     }
 
 
-def grads_into_params(gpt) -> None:
+def grads_into_params(chunks: list) -> None:
     """Overwrite every parameter with its finalised gradient, so a checkpoint of the
     model is a checkpoint of the gradients (and reshards like one)."""
     with torch.no_grad():
-        for param in gpt.parameters():
+        for param in (p for chunk in chunks for p in chunk.parameters()):
             param.copy_(param.main_grad)
 
 
-def full_state(gpt) -> dict:
+def full_state(chunks: list) -> dict:
+    """The single-process model's state (one chunk holds everything)."""
+    (gpt,) = chunks
     return {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}

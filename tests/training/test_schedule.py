@@ -16,7 +16,7 @@ from tests.tiny_models import tiny_model
 
 
 def _scheduler(decay_style: str, train_iters=1000):
-    gpt = build_model(tiny_model(), ParallelConfig(cpu_mode=True))
+    (gpt,) = build_model(tiny_model(), ParallelConfig(cpu_mode=True))
     ddp = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(), gpt)
     optim = OptimConfig(lr=5e-4, min_lr=5e-5, warmup_iters=100, decay_style=decay_style)
     optimizer, scheduler = build_optimizer([ddp], optim, bf16=False, train_iters=train_iters)
