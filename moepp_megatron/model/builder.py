@@ -102,7 +102,22 @@ def transformer_config(
     )
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False) -> list[GPTModel]:
+class ModelChunks(torch.nn.ModuleList):
+    """This rank's model chunks, one per virtual pipeline stage, checkpointed as one model.
+
+    Sharded tensor keys are global (layer offsets included), so a checkpoint loads under
+    any pipeline layout; the ``model{i}`` nesting only routes each chunk's share.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs) -> dict:
+        return {f"model{i}": chunk.sharded_state_dict(prefix, *args, **kwargs) for i, chunk in enumerate(self)}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        for i, chunk in enumerate(self):
+            chunk.load_state_dict(state_dict[f"model{i}"], strict=strict)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False) -> ModelChunks:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
 
     Needs megatron's parallel state (``initialize_parallel``) for the pipeline position.
@@ -126,7 +141,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = Fa
         )
         _mark_residual_boundaries(gpt)
         chunks.append(gpt)
-    return chunks
+    return ModelChunks(chunks)
 
 
 def _mark_residual_boundaries(gpt: GPTModel) -> None:

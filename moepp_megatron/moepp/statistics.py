@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
@@ -38,10 +39,22 @@ class LayerRoutingStats:
     dropped_fraction: float
 
 
+def routing_statistics_group(config) -> dist.ProcessGroup:
+    """The ranks that routed different tokens of the same layers: data parallel, and tensor
+    parallel too under sequence parallelism (without it, TP ranks route the same tokens)."""
+    if config.sequence_parallel:
+        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def collect_routing_statistics(
-    model: torch.nn.Module, reduce_group: dist.ProcessGroup | None = None, reset: bool = True
+    model: torch.nn.Module,
+    reduce_group: dist.ProcessGroup | None = None,
+    pipeline_group: dist.ProcessGroup | None = None,
+    reset: bool = True,
 ) -> list[LayerRoutingStats]:
-    """Statistics of every MoE++ layer in ``model`` since the last reset, by layer number."""
+    """Statistics of every MoE++ layer in ``model`` since the last reset, by layer number;
+    with ``pipeline_group``, every stage's layers are gathered to every stage."""
     stats = []
     for router in (m for m in model.modules() if isinstance(m, MoEPPRouter)):
         counts = torch.cat(
@@ -53,6 +66,10 @@ def collect_routing_statistics(
             for buffer in (router.routed_tokens, router.picked_per_expert, router.kept_per_expert):
                 buffer.zero_()
         stats.append(_summarise(router, counts.cpu().double()))
+    if pipeline_group is not None and pipeline_group.size() > 1:
+        gathered: list = [None] * pipeline_group.size()
+        dist.all_gather_object(gathered, stats, group=pipeline_group)
+        stats = [s for stage in gathered for s in stage]
     return sorted(stats, key=lambda s: s.layer)
 
 

@@ -20,18 +20,17 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
 
 from moepp_megatron.config.loader import to_dict
 from moepp_megatron.config.schema import RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets
 from moepp_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
 from moepp_megatron.model.builder import build_model
-from moepp_megatron.moepp.statistics import collect_routing_statistics
+from moepp_megatron.moepp.statistics import (
+    collect_aux_losses,
+    collect_routing_statistics,
+    routing_statistics_group,
+)
 from moepp_megatron.parallel.initialize import initialize_parallel
 from moepp_megatron.training.checkpointing import Checkpointer, TrainState
 from moepp_megatron.training.data_loader import build_data_iterator
@@ -95,10 +94,11 @@ class Trainer:
         vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor, config.data.vocab_size_divisible_by)
         self.model_config = dataclasses.replace(config.model, vocab_size=vocab)
         self.resolved_config = to_dict(dataclasses.replace(config, model=self.model_config))
-        self.gpt = build_model(self.model_config, p, bf16=self.bf16)
-        self.model = self._wrap(self.gpt)
+        # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
+        self.chunks = build_model(self.model_config, p, bf16=self.bf16)
+        self.models = [self._wrap(chunk) for chunk in self.chunks]
         self.optimizer, self.scheduler = build_optimizer(
-            [self.model], config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters
+            self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters
         )
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         self.state = self._restore()
@@ -131,23 +131,29 @@ class Trainer:
         ckpt = self.config.checkpoint
         if ckpt.resume and self.checkpointer.latest_iteration() is not None:
             state = self.checkpointer.load(
-                self.gpt, self.optimizer, self.scheduler, self.resolved_config
+                self.chunks, self.optimizer, self.scheduler, self.resolved_config
             )
             self.metrics.print(f"resumed from {self.checkpointer.directory} at iteration {state.iteration}")
             return state
         if ckpt.init_from:
-            Checkpointer(ckpt.init_from, keep_last=1).load(self.gpt, None, None, self.resolved_config)
+            Checkpointer(ckpt.init_from, keep_last=1).load(self.chunks, None, None, self.resolved_config)
             self.metrics.print(f"initialised weights from {ckpt.init_from} (new run, iteration 0)")
         return TrainState()
 
     def _batches(self, dataset, consumed_samples: int):
-        return build_data_iterator(
-            dataset, consumed_samples=consumed_samples,
-            micro_batch_size=self.geometry.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=parallel_state.get_data_parallel_world_size(),
-            num_workers=self.config.data.num_workers,
-        )
+        """One iterator per model chunk over the same micro-batches (the interleaved
+        schedule advances each chunk's own; inner stages ignore the tokens)."""
+        iterators = [
+            build_data_iterator(
+                dataset, consumed_samples=consumed_samples,
+                micro_batch_size=self.geometry.micro_batch_size,
+                dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(),
+                num_workers=self.config.data.num_workers,
+            )
+            for _ in self.chunks
+        ]
+        return iterators if len(iterators) > 1 else iterators[0]
 
     def _on_signal(self, signum, frame) -> None:
         # Only record it: the current step finishes, then every rank stops together.
@@ -174,12 +180,13 @@ class Trainer:
 
     def train_step(self) -> dict:
         g = self.geometry
-        self.model.zero_grad_buffer()
+        for model in self.models:
+            model.zero_grad_buffer()
         self.optimizer.zero_grad()
         start = time.perf_counter()
         losses = get_forward_backward_func()(
             forward_step_func=gpt_forward_step, data_iterator=self.train_iterator,
-            model=[self.model], num_microbatches=g.num_microbatches, seq_length=g.seq_length,
+            model=self.models, num_microbatches=g.num_microbatches, seq_length=g.seq_length,
             micro_batch_size=g.micro_batch_size, forward_only=False,
         )
         loss = self._mean_loss(losses)
@@ -217,27 +224,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        for model in self.models:
+            model.eval()
         g = self.geometry
         data = self._batches(self.valid_data, 0)
         losses = []
         for _ in range(self.config.training.eval_iters):
             losses += get_forward_backward_func()(
-                forward_step_func=gpt_forward_step, data_iterator=data, model=[self.model],
+                forward_step_func=gpt_forward_step, data_iterator=data, model=self.models,
                 num_microbatches=g.num_microbatches, seq_length=g.seq_length,
                 micro_batch_size=g.micro_batch_size, forward_only=True,
             )
-        self.model.train()
+        for model in self.models:
+            model.train()
         return self._mean_loss(losses)
 
     def _moe_metrics(self, steps: int) -> dict:
-        reduce_aux_losses_tracker_across_ranks()
-        tracker = get_moe_layer_wise_logging_tracker()
         scale = 1.0 / (steps * self.geometry.num_microbatches)
-        aux = {name: [v * scale for v in entry["values"].tolist()] for name, entry in tracker.items()}
-        clear_aux_losses_tracker()
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        stats = collect_routing_statistics(self.gpt, reduce_group=group)
+        aux = {
+            name: [v * scale for v in values]
+            for name, values in collect_aux_losses(self.chunks[0].config).items()
+        }
+        stats = collect_routing_statistics(
+            self.chunks,
+            reduce_group=routing_statistics_group(self.chunks[0].config),
+            pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
+        )
         return {
             **aux,
             "routing": {
@@ -253,7 +265,7 @@ class Trainer:
 
     def save(self) -> None:
         path = self.checkpointer.save(
-            self.state.iteration, self.gpt, self.optimizer, self.scheduler, self.state,
+            self.state.iteration, self.chunks, self.optimizer, self.scheduler, self.state,
             self.resolved_config,
         )
         self.metrics.print(f"saved checkpoint {path}")

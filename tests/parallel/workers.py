@@ -25,19 +25,16 @@ def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0) -> li
     return build_model(model_cfg, parallel)
 
 
-def save_checkpoint(chunks: list, directory: str) -> None:
+def save_checkpoint(chunks, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}, directory)
+    dist_checkpointing.save(chunks.sharded_state_dict(), directory)
 
 
-def load_checkpoint(chunks: list, directory: str) -> None:
+def load_checkpoint(chunks, directory: str) -> None:
     from megatron.core import dist_checkpointing
 
-    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    loaded = dist_checkpointing.load(sharded, directory)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"])
+    chunks.load_state_dict(dist_checkpointing.load(chunks.sharded_state_dict(), directory))
 
 
 def microbatches(vocab_size: int, count: int, batch: int, seq: int, seed: int = 7) -> list[dict]:
