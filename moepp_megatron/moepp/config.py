@@ -30,8 +30,9 @@ class MoEPPTransformerConfig(TransformerConfig):
     moepp_capacity_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        # Ours first: for the combinations MoE++ rules out, the MoE++ reason is the useful one.
         validate_moepp_config(self)
+        super().__post_init__()
 
     @property
     def moepp_num_zc_experts(self) -> int:

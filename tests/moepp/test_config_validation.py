@@ -49,3 +49,24 @@ def test_unsupported_megatron_options_are_refused():
                         ("moe_expert_capacity_factor", 1.0), ("moe_token_dispatcher_type", "flex")]:
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(config, **{name: value})
+
+
+def test_pipeline_residual_needs_alltoall_and_no_custom_layout():
+    pp2 = ParallelConfig(cpu_mode=True, pipeline=2)
+    with pytest.raises(ValueError, match="moe_token_dispatcher_type must be 'alltoall' with pipeline"):
+        _config(parallel=pp2, token_dispatcher="allgather")
+    # Without gating residuals nothing crosses stages, so allgather is fine.
+    assert _config(parallel=pp2, token_dispatcher="allgather", gating_residual=False)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="pipeline_model_parallel_layout"):
+        dataclasses.replace(_config(parallel=pp2), pipeline_model_parallel_layout="Et|tL")
+
+
+def test_unsupported_residual_carriers_are_refused():
+    import dataclasses
+
+    config = _config()
+    for name, value in [("cuda_graph_impl", "local"), ("overlap_moe_expert_parallel_comm", True)]:
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(config, **{name: value})
