@@ -78,3 +78,14 @@ def hf_grads(module: torch.nn.Module, model: ModelConfig, prefix: str = "") -> d
 
 def with_moe(model: ModelConfig, **moe_fields) -> ModelConfig:
     return dataclasses.replace(model, moe=dataclasses.replace(model.moe, **moe_fields))
+
+
+def assert_grads_match_reference(grads: dict, weights: dict, **tol) -> None:
+    """Every megatron gradient (HF names) equals the reference's autograd gradient; prints
+    the largest difference for the record."""
+    assert grads.keys() == weights.keys()
+    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
+    print(f"max |grad diff| = {worst:.2e}")
+    for name, param in weights.items():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(grads[name], expected, **tol, msg=lambda m: f"{name}: {m}")

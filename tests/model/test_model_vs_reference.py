@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from moepp_megatron.config.schema import ParallelConfig
 from moepp_megatron.model.builder import build_model
 from tests.reference import moepp_reference as ref
-from tests.tiny_models import hf_grads, reference_config, reference_weights, tiny_model
+from tests.tiny_models import assert_grads_match_reference, hf_grads, reference_config, reference_weights, tiny_model
 
 BATCH, SEQ = 2, 16
 BETA = 0.01
@@ -77,10 +77,4 @@ def test_model_matches_reference(single_process, name):
         dropped = [(a["kept_mask"] != a["topk_mask"]).any() for a in aux["layers"] if a]
         assert any(dropped), "capacity case must drop something"
 
-    grads = hf_grads(gpt, model)
-    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
-    print(f"max |grad diff| = {worst:.2e}")
-    assert grads.keys() == weights.keys()
-    for key, param in weights.items():
-        expected = param.grad if param.grad is not None else torch.zeros_like(param)
-        torch.testing.assert_close(grads[key], expected, **TOL, msg=lambda m: f"{key}: {m}")
+    assert_grads_match_reference(hf_grads(gpt, model), weights, **TOL)

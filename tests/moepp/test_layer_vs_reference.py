@@ -18,7 +18,7 @@ from moepp_megatron.model.builder import transformer_config
 from moepp_megatron.model.specs import decoder_block_spec
 from megatron.core.transformer.spec_utils import build_module
 from tests.reference import moepp_reference as ref
-from tests.tiny_models import hf_grads, reference_config, reference_weights, tiny_model
+from tests.tiny_models import assert_grads_match_reference, hf_grads, reference_config, reference_weights, tiny_model
 
 SEQ, BATCH = 12, 3
 BETA = 0.01
@@ -89,10 +89,4 @@ def test_layer_matches_reference(single_process, case):
     torch.testing.assert_close(x_grad, ref_x_grad, **TOL)
     if case["gating_residual"]:
         torch.testing.assert_close(residual_grad.view(-1, num_experts), ref_residual.grad, **TOL)
-    grads = hf_grads(layer, model, prefix="decoder.layers.0.mlp.")
-    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
-    print(f"max |grad diff| = {worst:.2e}")
-    assert grads.keys() == weights.keys()
-    for name, ref_param in weights.items():
-        expected = ref_param.grad if ref_param.grad is not None else torch.zeros_like(ref_param)
-        torch.testing.assert_close(grads[name], expected, **TOL, msg=lambda m: f"{name}: {m}")
+    assert_grads_match_reference(hf_grads(layer, model, prefix="decoder.layers.0.mlp."), weights, **TOL)
