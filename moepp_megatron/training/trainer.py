@@ -23,7 +23,7 @@ from megatron.core.transformer.module import Float16Module
 
 from moepp_megatron.config.loader import to_dict
 from moepp_megatron.config.schema import RunConfig
-from moepp_megatron.data.blend import build_gpt_datasets
+from moepp_megatron.data.blend import build_gpt_datasets, check_sources, resolve_sources
 from moepp_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
 from moepp_megatron.model.builder import build_model
 from moepp_megatron.moepp.statistics import (
@@ -78,8 +78,15 @@ def batch_geometry(config: RunConfig, data_parallel_size: int) -> BatchGeometry:
 
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
         self.run_dir = Path(config.run_dir)
+        # Fail on missing data before any process group or accelerator is touched.
+        check_sources(resolve_sources(config.data))
+        if config.data.cache_dir is None:
+            # megatron writes its sample/shuffle indices here, built once by rank 0.
+            config = dataclasses.replace(
+                config, data=dataclasses.replace(config.data, cache_dir=str(self.run_dir / "data_cache"))
+            )
+        self.config = config
         p = config.parallel
         initialize_parallel(
             tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
