@@ -138,6 +138,22 @@ def run_distributed(
     __tracebackhide__ = True  # pytest: show the rank's traceback, not this loop
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            return _run_once(fn, world_size, args, kwargs, timeout)
+        except DistributedTestError as error:
+            # find_free_port races with other processes binding ports in between: the rank
+            # failed before doing any work, so start again on another port.
+            if "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+PORT_ATTEMPTS = 3
+
+
+def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
+    __tracebackhide__ = True
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
