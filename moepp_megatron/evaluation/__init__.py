@@ -1,0 +1,1 @@
+"""Evaluation of converted Hugging Face models with lm-evaluation-harness (``moepp-eval``)."""

@@ -1,0 +1,2 @@
+"""The Hugging Face MoE++ model (model_type "MoE++"). The two modules are self-contained:
+the converter copies them next to every exported checkpoint for ``trust_remote_code=True``."""
