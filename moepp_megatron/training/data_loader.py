@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moepp_megatron.training.signals import stop_signals_deferred
+
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
@@ -40,14 +42,36 @@ def _collate(samples: list[dict]) -> dict:
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
 
 
+class DataIterator:
+    """Micro-batches from a DataLoader whose worker processes never receive the stop signals
+    (see :mod:`moepp_megatron.training.signals`); :meth:`close` stops them. Close it: the
+    workers ignore the SIGTERM with which multiprocessing's exit handler would end them."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        with stop_signals_deferred():  # the workers start here
+            self._batches = iter(loader)
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def close(self) -> None:
+        # torch has no public close; this is what its iterator's __del__ calls.
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def build_data_iterator(
     dataset: Dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
     num_workers: int,
-) -> Iterator[dict]:
+) -> DataIterator:
     """Micro-batches for this data-parallel rank, starting after ``consumed_samples``."""
     sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         persistent_workers=num_workers > 0,
     )
-    return iter(loader)
+    return DataIterator(loader)

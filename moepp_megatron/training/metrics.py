@@ -41,7 +41,7 @@ class MetricsLogger:
         record = {"iteration": iteration, **metrics} if prefix == "train" else {
             "iteration": iteration, prefix: metrics
         }
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self.jsonl.flush()
         flat = dict(_flatten(metrics, prefix))
         if self.tensorboard is not None:
@@ -62,6 +62,17 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _json_safe(value):
+    """Non-finite numbers become null: NaN / Infinity are not JSON (a skipped step's loss)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _flatten(value, prefix):

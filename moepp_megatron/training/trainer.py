@@ -37,6 +37,7 @@ from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
 from moepp_megatron.training.metrics import MetricsLogger
 from moepp_megatron.training.optimizer import build_optimizer
+from moepp_megatron.training.signals import STOP_SIGNALS
 
 # Preempted or out of time (SIGTERM / SIGUSR1): checkpoint saved, run again to resume.
 EXIT_PREEMPTED = 75
@@ -70,9 +71,17 @@ def batch_geometry(config: RunConfig, data_parallel_size: int) -> BatchGeometry:
             f"multiple of micro_batch_size ({t.micro_batch_size}) x data-parallel size "
             f"({data_parallel_size})"
         )
-    train_iters = t.train_iters if t.train_iters is not None else t.train_tokens // t.global_batch_tokens
-    if train_iters < 1:
-        raise ValueError("training.train_tokens is smaller than one global batch")
+    if t.train_iters is not None:
+        if t.train_iters < 1:
+            raise ValueError(f"training.train_iters must be >= 1, got {t.train_iters}")
+        train_iters = t.train_iters
+    else:
+        train_iters = t.train_tokens // t.global_batch_tokens
+        if train_iters < 1:
+            raise ValueError(
+                f"training.train_tokens={t.train_tokens} is smaller than one global batch "
+                f"(training.global_batch_tokens={t.global_batch_tokens})"
+            )
     return BatchGeometry(global_batch, t.micro_batch_size, global_batch // per_step, seq, train_iters)
 
 
@@ -120,7 +129,7 @@ class Trainer:
         self.train_iterator = self._batches(self.train_data, self.state.consumed_samples)
         self._stop_signal = None
         self._nonfinite_in_a_row = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _wrap(self, gpt):
@@ -222,10 +231,15 @@ class Trainer:
             f"({self._nonfinite_in_a_row} in a row, limit {limit})"
         )
         if self._nonfinite_in_a_row >= limit:
+            latest = self.checkpointer.latest_iteration()
+            resume = (
+                f"the last checkpoint is iteration {latest} in {self.checkpointer.directory}"
+                if latest is not None else f"no checkpoint was saved in {self.checkpointer.directory}"
+            )
             raise NonFiniteLossError(
                 f"{self._nonfinite_in_a_row} consecutive steps with a non-finite loss (limit "
                 f"training.max_nonfinite_steps={limit}); stopping at iteration "
-                f"{self.state.iteration}. The last checkpoint is in {self.checkpointer.directory}."
+                f"{self.state.iteration}; {resume}."
             )
         return {"lm_loss": loss, "skipped": True}
 
@@ -236,12 +250,15 @@ class Trainer:
         g = self.geometry
         data = self._batches(self.valid_data, 0)
         losses = []
-        for _ in range(self.config.training.eval_iters):
-            losses += get_forward_backward_func()(
-                forward_step_func=gpt_forward_step, data_iterator=data, model=self.models,
-                num_microbatches=g.num_microbatches, seq_length=g.seq_length,
-                micro_batch_size=g.micro_batch_size, forward_only=True,
-            )
+        try:
+            for _ in range(self.config.training.eval_iters):
+                losses += get_forward_backward_func()(
+                    forward_step_func=gpt_forward_step, data_iterator=data, model=self.models,
+                    num_microbatches=g.num_microbatches, seq_length=g.seq_length,
+                    micro_batch_size=g.micro_batch_size, forward_only=True,
+                )
+        finally:
+            _close(data)
         for model in self.models:
             model.train()
         return self._mean_loss(losses)
@@ -313,7 +330,14 @@ class Trainer:
                 self.save()
             return 0
         finally:
+            _close(self.train_iterator)
             self.metrics.close()
+
+
+def _close(batches) -> None:
+    """Stop the DataLoader workers of an iterator, or of the iterators of the model chunks."""
+    for iterator in batches if isinstance(batches, list) else [batches]:
+        iterator.close()
 
 
 def _summary_line(iteration: int, record: dict) -> str:
