@@ -38,7 +38,11 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01
     z_loss_coeff: Optional[float] = None
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # Expert FFNs as grouped GEMMs: Transformer Engine's TEGroupedMLP when TE is installed,
+    # else torch._grouped_mm (CPU; CUDA needs Hopper and bf16), else SequentialMLP.
     grouped_gemm: bool = False
+    # torch.compile the MoE++ routing and ZC experts; null = on for GPU runs, off in CPU mode.
+    compile_routing: Optional[bool] = None
     # 1 = every layer is an expert layer; a list of 0/1 per layer mixes in dense layers.
     layer_freq: int | list[int] = 1
 

@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moepp_megatron.config.schema import ModelConfig, ParallelConfig
+from moepp_megatron.model.grouped_experts import grouped_gemm_backend
 from moepp_megatron.model.specs import decoder_block_spec
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
 
@@ -73,7 +74,7 @@ def transformer_config(
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_z_loss_coeff=moe.z_loss_coeff,
-        moe_grouped_gemm=moe.grouped_gemm,
+        moe_grouped_gemm=grouped_gemm_backend(moe.grouped_gemm, fused_kernels, bf16) is not None,
         moe_layer_freq=moe.layer_freq,
     )
     if moe.method == "vanilla":
@@ -99,6 +100,11 @@ def transformer_config(
         moepp_routing=moe.routing,
         moepp_gating_residual=moe.gating_residual,
         moepp_capacity_factor=moe.capacity_factor,
+        moepp_compile=(
+            moe.compile_routing
+            if moe.compile_routing is not None
+            else torch.cuda.is_available() and not parallel.cpu_mode
+        ),
     )
 
 

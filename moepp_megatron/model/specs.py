@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from moepp_megatron.model.grouped_experts import TorchGroupedMLP
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
 from moepp_megatron.moepp.layer import MoEPPLayer
 from moepp_megatron.moepp.router import MoEPPRouter
@@ -23,6 +25,9 @@ def decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
+    if config.moe_grouped_gemm and not use_transformer_engine:
+        # Without TE megatron picks its legacy GroupedMLP (grouped_gemm package, bf16 only).
+        block.layer_specs = [_with_torch_grouped_mm(spec) for spec in block.layer_specs]
     if not isinstance(config, MoEPPTransformerConfig):
         return block
     # The list holds references to the same spec objects: copy before editing.
@@ -37,4 +42,13 @@ def _as_moepp(layer_spec):
     if layer_spec.submodules.mlp.module is MoELayer:
         layer_spec.submodules.mlp.module = MoEPPLayer
         layer_spec.submodules.mlp.submodules.router = MoEPPRouter
+    return layer_spec
+
+
+def _with_torch_grouped_mm(layer_spec):
+    mlp = layer_spec.submodules.mlp
+    if mlp.module is not MoELayer or mlp.submodules.experts.module is not GroupedMLP:
+        return layer_spec
+    layer_spec = copy.deepcopy(layer_spec)
+    layer_spec.submodules.mlp.submodules.experts.module = TorchGroupedMLP
     return layer_spec

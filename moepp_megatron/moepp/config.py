@@ -28,6 +28,8 @@ class MoEPPTransformerConfig(TransformerConfig):
     moepp_routing: str = "paper"
     # gamma of Eq. 8; None = dropless. megatron's moe_expert_capacity_factor must stay None.
     moepp_capacity_factor: Optional[float] = None
+    # Run routing and the ZC experts through torch.compile (fused kernels; see compiled.py).
+    moepp_compile: bool = False
 
     def __post_init__(self) -> None:
         # Ours first: for the combinations MoE++ rules out, the MoE++ reason is the useful one.

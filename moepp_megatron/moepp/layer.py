@@ -4,6 +4,12 @@ Steps (megatron's named seams, plus one): route over all N experts -> the FFN co
 through the stock preprocess / dispatch / routed_experts_compute / combine / postprocess ->
 the ZC columns are computed locally on the undispatched tokens -> sum. Tokens whose picks
 are all ZC experts cost no dispatcher traffic.
+
+Host-device synchronisation (audit of the MoE++ additions; ``moepp-bench`` README section):
+routing and ZC experts add none. The layer's one sync is the dispatcher's: the alltoall
+dispatcher needs its split sizes on the host. Dropless MoE++ moves it earlier, to
+"before_permutation_1" (see token_dispatcher.py), because the number of FFN rows is
+data-dependent; stock megatron does the same in its capacity-factor branch.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class MoEPPLayer(MoELayer):
             num_zero=config.moepp_num_zero_experts,
             init_method=config.init_method if config.perform_initialization else (lambda t: None),
             params_dtype=config.params_dtype,
+            compile=config.moepp_compile,
         )
         for param in self.zc_experts.parameters():
             # Replicated over TP; grads differ per rank under sequence parallelism.

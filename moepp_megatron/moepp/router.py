@@ -4,6 +4,10 @@ G^j(x) = R^j(x) + W_g^j G^{j-1}(x), where R is a linear map (paper) or
 Linear(D, 8N) -> tanh -> Linear(8N, N) (released checkpoint), all in fp32. The previous
 layer's logits arrive as an argument; they are never stored on the module, because
 activation recomputation runs layers again out of order.
+
+With ``moepp_compile`` the routing (softmax, top-k, gates, capacity) runs as one compiled
+function (``compiled.py``). Host-device synchronisation added to the stock router: none
+(capacities are computed in Python from the token count; counters stay on the device).
 """
 
 from __future__ import annotations
@@ -18,13 +22,9 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from moepp_megatron.moepp.compiled import compiled
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
-from moepp_megatron.moepp.routing import (
-    drop_over_capacity,
-    heterogeneous_capacity,
-    load_balance_weights,
-    topk_gates,
-)
+from moepp_megatron.moepp.routing import heterogeneous_capacity, load_balance_weights, route
 
 ROUTER_MLP_EXPANSION = 8
 
@@ -107,15 +107,14 @@ class MoEPPRouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits_TN = self.apply_z_loss(logits_TN, padding_mask=padding_mask)
-        probs_TN, gates_TN, picked_TN = topk_gates(
-            logits_TN, self.topk, c.moepp_routing, c.moepp_num_zero_experts
-        )
-        kept_TN = picked_TN
+        capacity_N = None
         if c.moepp_capacity_factor is not None:
-            gates_TN, kept_TN = drop_over_capacity(
-                gates_TN, picked_TN, self._capacity(logits_TN.shape[0], logits_TN.device),
-                c.moe_token_drop_policy,
-            )
+            capacity_N = self._capacity(logits_TN.shape[0], logits_TN.device)
+        route_fn = compiled(route) if c.moepp_compile else route
+        probs_TN, gates_TN, picked_TN, kept_TN = route_fn(
+            logits_TN, self.topk, c.moepp_routing, c.moepp_num_zero_experts, capacity_N,
+            c.moe_token_drop_policy,
+        )
         if self.training and torch.is_grad_enabled():
             # Guarded like megatron's aux losses so activation recompute counts it once.
             gates_TN = self._apply_load_balance_loss(gates_TN, probs_TN, picked_TN, padding_mask)

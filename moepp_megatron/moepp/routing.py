@@ -1,13 +1,36 @@
 """MoE++ routing math as pure functions of the router logits (no megatron, no state).
 
 Shapes: T tokens, N = N_ffn + N_zc experts, columns ``[FFN | constant | copy | zero]``.
+
+Host-device synchronisation: none. Capacities are Python ints computed from the token
+count (a host-known shape); everything else is tensor ops with shapes fixed by [T, N] (no
+``.item()``, ``.tolist()``, ``nonzero`` or boolean indexing), which is also what lets
+:func:`route` compile with ``fullgraph=True`` (see ``compiled.py``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+
+
+def route(
+    logits_TN: torch.Tensor,
+    topk: int,
+    variant: str,
+    num_zero: int,
+    capacity_N: Optional[torch.Tensor],
+    drop_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`topk_gates`, then :func:`drop_over_capacity` unless ``capacity_N`` is None
+    (dropless). Returns ``(probs_TN, gates_TN, picked_TN, kept_TN)``."""
+    probs_TN, gates_TN, picked_TN = topk_gates(logits_TN, topk, variant, num_zero)
+    if capacity_N is None:
+        return probs_TN, gates_TN, picked_TN, picked_TN
+    gates_TN, kept_TN = drop_over_capacity(gates_TN, picked_TN, capacity_N, drop_policy)
+    return probs_TN, gates_TN, picked_TN, kept_TN
 
 
 def topk_gates(

@@ -55,7 +55,11 @@ class OptimizerReshardError(RuntimeError):
 
 
 # Model fields that change how the same weights are computed, not what they are.
-IMPLEMENTATION_CHOICES = {"model.moe.token_dispatcher", "model.moe.grouped_gemm"}
+IMPLEMENTATION_CHOICES = {
+    "model.moe.token_dispatcher",
+    "model.moe.grouped_gemm",
+    "model.moe.compile_routing",
+}
 
 
 def iteration_dir(directory: Path, iteration: int) -> Path:

@@ -1,0 +1,3 @@
+from moepp_megatron.bench.cli import main
+
+main()
