@@ -92,19 +92,14 @@ def _expert_layers(gpt) -> list:
 
 def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch: int,
                 num_microbatches: int, warmup: int, repeats: int, routing: str) -> dict:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.moe.router import TopKRouter
 
     from moepp_megatron.model.builder import build_model
     from moepp_megatron.parallel.initialize import initialize_parallel
     from moepp_megatron.training.forward_step import gpt_forward_step
     from moepp_megatron.training.optimizer import build_optimizer
+    from moepp_megatron.training.trainer import wrap_for_training
 
     device = resolve_device(device_name)
     cpu = device.type == "cpu"
@@ -113,10 +108,7 @@ def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch:
     parallel = ParallelConfig(cpu_mode=cpu)
     initialize_parallel(cpu_mode=cpu)
     (gpt,) = build_model(model, parallel, bf16=not cpu)
-    gpt.to(device)
-    gpt.config.finalize_model_grads_func = finalize_model_grads
-    module = gpt if cpu else Float16Module(gpt.config, gpt)
-    ddp = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
+    ddp = wrap_for_training(gpt, cpu_mode=cpu, bf16=not cpu)
     optimizer, scheduler = build_optimizer([ddp], OptimConfig(warmup_iters=1), bf16=not cpu, train_iters=100)
 
     counts = {"tokens": 0, "ffn": 0}

@@ -163,8 +163,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(
-        self, model, optimizer, scheduler, config: dict, iteration: Optional[int] = None,
-        strict_layout_rng: bool = True,
+        self, model, optimizer, scheduler, config: dict, iteration: Optional[int] = None
     ) -> TrainState:
         """Restore everything in place; returns the training state to continue from.
 

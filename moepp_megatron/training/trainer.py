@@ -85,6 +85,20 @@ def batch_geometry(config: RunConfig, data_parallel_size: int) -> BatchGeometry:
     return BatchGeometry(global_batch, t.micro_batch_size, global_batch // per_step, seq, train_iters)
 
 
+def wrap_for_training(
+    gpt, cpu_mode: bool, bf16: bool, use_distributed_optimizer: bool = False
+) -> DistributedDataParallel:
+    """A model chunk on its device, in bf16 when asked, in megatron's DDP (fp32 gradients)."""
+    if not cpu_mode:
+        gpt.cuda(torch.cuda.current_device())
+    module = Float16Module(gpt.config, gpt) if bf16 else gpt
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+    )
+    gpt.config.finalize_model_grads_func = finalize_model_grads
+    return DistributedDataParallel(gpt.config, ddp_config, module)
+
+
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.run_dir = Path(config.run_dir)
@@ -112,7 +126,10 @@ class Trainer:
         self.resolved_config = to_dict(dataclasses.replace(config, model=self.model_config))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
         self.chunks = build_model(self.model_config, p, bf16=self.bf16)
-        self.models = [self._wrap(chunk) for chunk in self.chunks]
+        self.models = [
+            wrap_for_training(chunk, p.cpu_mode, self.bf16, config.optim.use_distributed_optimizer)
+            for chunk in self.chunks
+        ]
         self.optimizer, self.scheduler = build_optimizer(
             self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters
         )
@@ -131,17 +148,6 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
-
-    def _wrap(self, gpt):
-        if not self.config.parallel.cpu_mode:
-            gpt.cuda(torch.cuda.current_device())
-        module = Float16Module(gpt.config, gpt) if self.bf16 else gpt
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            use_distributed_optimizer=self.config.optim.use_distributed_optimizer,
-        )
-        gpt.config.finalize_model_grads_func = finalize_model_grads
-        return DistributedDataParallel(gpt.config, ddp_config, module)
 
     def _restore(self) -> TrainState:
         ckpt = self.config.checkpoint

@@ -185,17 +185,15 @@ def test_initialize_parallel_refuses_cpu_mode_with_cuda(monkeypatch):
         (4, dict(pipeline_parallel=1, virtual_pipeline_parallel=2), "virtual_pipeline_parallel"),
     ],
 )
-def test_initialize_parallel_checks_sizes(monkeypatch, world, kwargs, name):
-    import torch.distributed as dist
+def test_initialize_parallel_checks_sizes(world, kwargs, name):
+    # The check initialize_parallel runs before anything is set up; called directly, it runs
+    # whether or not an earlier test left a process group in this process.
+    from moepp_megatron.parallel.initialize import _check_sizes
 
-    from moepp_megatron.parallel.initialize import initialize_parallel
-
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this process")
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    # cpu_mode=False: the size check comes before anything is set up (no CPU mode, no CUDA).
+    sizes = dict(tensor_parallel=1, pipeline_parallel=1, expert_parallel=1,
+                 virtual_pipeline_parallel=None, expert_tensor_parallel=None)
     with pytest.raises(ValueError, match=name):
-        initialize_parallel(cpu_mode=False, **kwargs)
+        _check_sizes(world, **{**sizes, **kwargs})
 
 
 def test_cpu_mode_requested(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 
 from tests.distributed import run_distributed
 from tests.training.conftest import CONFIGS, run_config, tiny_data  # noqa: F401 (fixtures)
-from tests.training.runs import train_losses, train_rank
+from tests.training.runs import run_config_writer, train_losses, train_rank
 
 LAYOUTS = {
     "single": (1, ["parallel.expert=1"]),
@@ -20,23 +20,14 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def layout_losses(tmp_path_factory, tiny_data):  # noqa: F811
-    import yaml
-
-    tokenizer, prefixes = tiny_data
     directory = tmp_path_factory.mktemp("layouts")
-    config = {
-        "base": str(CONFIGS / "tiny-cpu.yaml"),
-        "model": {"seq_length": 32, "moe": {"capacity_factor": None}},
-        "data": {"tokenizer_model": str(tokenizer), "num_workers": 0, "split": "90,10,0",
-                 "sources": [{"prefix": str(p), "weight": w} for p, w in zip(prefixes, (5, 3, 2))]},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_iters": 1},
-        "training": {"train_iters": 4, "global_batch_tokens": 512, "micro_batch_size": 4,
-                     "eval_interval": 100, "eval_iters": 1},
-        "checkpoint": {"save_interval": 100},
-        "logging": {"interval": 1, "tensorboard": False},
-    }
-    path = directory / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = run_config_writer(tiny_data, directory)(
+        "run",
+        model={"seq_length": 32, "moe": {"capacity_factor": None}},
+        optim={"warmup_iters": 1},
+        training={"train_iters": 4, "eval_interval": 100},
+        checkpoint={"save_interval": 100},
+    )
     # Initialisation depends on the layout (megatron seeds experts per EP rank), so every
     # layout starts from the same weights: one step of a single process, saved.
     seed_run = [f"run_dir={directory / 'seed'}", "training.train_iters=1",

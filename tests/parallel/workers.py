@@ -58,21 +58,15 @@ def train_step(chunks: list, batches: list[dict]) -> dict:
     finalised (DP/EP all-reduce, SP layernorm/router reduction, PP embedding sync) into
     ``param.main_grad``."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from moepp_megatron.moepp.statistics import collect_aux_losses
     from moepp_megatron.training.forward_step import gpt_forward_step
+    from moepp_megatron.training.trainer import wrap_for_training
 
     config = chunks[0].config
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
-    ddps = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
-    config.finalize_model_grads_func = finalize_model_grads
+    ddps = [wrap_for_training(chunk, cpu_mode=True, bf16=False) for chunk in chunks]
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = len(batches) // dp_size

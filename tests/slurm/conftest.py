@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.fixtures import tiny_blend
 from tests.slurm.cluster import LocalSlurm, SlurmUnavailable, missing_commands
+from tests.training.runs import run_config_writer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,23 +63,11 @@ def slurm_workdir():
 @pytest.fixture(scope="session")
 def tiny_config(slurm_workdir) -> Path:
     """The tiny MoE++ (EP=2, 2 CPU processes) for 40 iterations, checkpoints every 10."""
-    tokenizer, prefixes = tiny_blend(slurm_workdir / "blend")
-    config = {
-        "base": str(REPO / "configs/tiny-cpu.yaml"),
-        "run_dir": str(slurm_workdir / "default-run"),
-        "model": {"seq_length": 32},
-        "data": {
-            "tokenizer_model": str(tokenizer),
-            "sources": [{"prefix": str(p), "weight": w} for p, w in zip(prefixes, (5, 3, 2))],
-            "split": "90,10,0",
-            "num_workers": 1,
-        },
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_iters": 2},
-        "training": {"train_iters": 40, "global_batch_tokens": 512, "micro_batch_size": 4,
-                     "eval_interval": 10, "eval_iters": 1},
-        "checkpoint": {"save_interval": 10, "keep_last": 2},
-        "logging": {"interval": 1, "tensorboard": False},
-    }
-    path = slurm_workdir / "tiny-run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    write = run_config_writer(tiny_blend(slurm_workdir / "blend"), slurm_workdir)
+    return write(
+        "tiny-run",
+        run_dir=str(slurm_workdir / "default-run"),
+        data={"num_workers": 1},
+        training={"train_iters": 40, "eval_interval": 10},
+        checkpoint={"save_interval": 10, "keep_last": 2},
+    )
