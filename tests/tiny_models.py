@@ -62,8 +62,9 @@ def reference_config(model: ModelConfig) -> RefConfig:
 
 
 def reference_weights(module: torch.nn.Module, model: ModelConfig, prefix: str = "") -> dict:
-    """The module's parameters under HF names, as fresh leaf tensors that require grad."""
-    state = {prefix + name: p.detach().clone() for name, p in module.named_parameters()}
+    """The module's parameters under HF names, as fresh fp32 leaf tensors that require grad
+    (bf16 parameters convert exactly, so the fp32 reference computes with the same weights)."""
+    state = {prefix + name: p.detach().to(torch.float32, copy=True) for name, p in module.named_parameters()}
     return {name: t.requires_grad_() for name, t in megatron_to_hf(state, model).items()}
 
 
@@ -80,12 +81,29 @@ def with_moe(model: ModelConfig, **moe_fields) -> ModelConfig:
     return dataclasses.replace(model, moe=dataclasses.replace(model.moe, **moe_fields))
 
 
-def assert_grads_match_reference(grads: dict, weights: dict, **tol) -> None:
+def bf16_tolerance(expected: torch.Tensor, units: float) -> dict:
+    """``units`` bf16 rounding units (2**-8 relative: bf16 keeps 8 significant bits) at the
+    largest magnitude of ``expected``, as assert_close arguments. A bf16 computation rounds
+    every GEMM output and activation; each rounding moves a value by up to one unit at its
+    scale, and errors of small entries are bounded by the tensor's scale, not their own."""
+    return dict(rtol=0.0, atol=units * 2**-8 * expected.abs().max().item())
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, bf16_units: float | None = None, msg=None, **tol) -> None:
+    """assert_close with ``tol``, or within ``bf16_units`` (see :func:`bf16_tolerance`),
+    comparing values as fp32."""
+    actual, expected = actual.float(), expected.float()
+    if bf16_units is not None:
+        tol = bf16_tolerance(expected, bf16_units)
+    torch.testing.assert_close(actual, expected, msg=msg, **tol)
+
+
+def assert_grads_match_reference(grads: dict, weights: dict, bf16_units: float | None = None, **tol) -> None:
     """Every megatron gradient (HF names) equals the reference's autograd gradient; prints
     the largest difference for the record."""
     assert grads.keys() == weights.keys()
-    worst = max((grads[k] - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
+    worst = max((grads[k].float() - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
     print(f"max |grad diff| = {worst:.2e}")
     for name, param in weights.items():
         expected = param.grad if param.grad is not None else torch.zeros_like(param)
-        torch.testing.assert_close(grads[name], expected, **tol, msg=lambda m: f"{name}: {m}")
+        assert_close(grads[name], expected, bf16_units, **tol, msg=lambda m: f"{name}: {m}")

@@ -208,8 +208,9 @@ class TrainingConfig:
     micro_batch_size: int = 1
     eval_interval: int = 1000
     eval_iters: int = 10
-    # bf16 on GPU; CPU mode always computes in fp32.
-    bf16: bool = True
+    # bf16 parameters and activations (fp32 router, main parameters and gradient reduction).
+    # null = bf16 on GPU, fp32 in CPU mode; true also works in CPU mode (CPU bf16 matmuls).
+    bf16: Optional[bool] = None
     # Skip steps whose loss is NaN/Inf; stop after this many in a row.
     max_nonfinite_steps: int = 5
     # Stop after this many iterations of this job (a step budget for one allocation).
@@ -265,3 +266,10 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 1234
+
+    @property
+    def bf16(self) -> bool:
+        """training.bf16, with null resolved: bf16 on GPU, fp32 in CPU mode."""
+        if self.training.bf16 is None:
+            return not self.parallel.cpu_mode
+        return self.training.bf16

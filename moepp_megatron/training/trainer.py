@@ -118,12 +118,15 @@ class Trainer:
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
         self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
         self.geometry = batch_geometry(config, parallel_state.get_data_parallel_world_size())
-        self.bf16 = config.training.bf16 and not p.cpu_mode
+        self.bf16 = config.bf16
 
         tokenizer = load_tokenizer(config.data.tokenizer_model)
         vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor, config.data.vocab_size_divisible_by)
         self.model_config = dataclasses.replace(config.model, vocab_size=vocab)
-        self.resolved_config = to_dict(dataclasses.replace(config, model=self.model_config))
+        self.resolved_config = to_dict(dataclasses.replace(
+            config, model=self.model_config,
+            training=dataclasses.replace(config.training, bf16=self.bf16),
+        ))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
         self.chunks = build_model(self.model_config, p, bf16=self.bf16)
         self.models = [

@@ -19,17 +19,21 @@ SHORT_RUN = {
 }
 
 # The released MoE++-7B family: 2-layer router, release routing, 2 constant + 1 copy + 1 zero.
-# "paper": another ZC mix, linear router, no capacity, grouped-query attention, a dense layer.
+RELEASE = {"moe": {"router": "mlp", "routing": "release"}}
+# Config sections per family. "paper": another ZC mix, linear router, no capacity,
+# grouped-query attention, a dense layer. "release-bf16": the release family trained in bf16
+# (bf16 weights in the checkpoint, as GPU runs write them).
 FAMILIES = {
-    "release": {"moe": {"router": "mlp", "routing": "release"}},
-    "paper": {
+    "release": {"model": RELEASE},
+    "paper": {"model": {
         "num_query_groups": 2,
         "moe": {
             "num_zero_experts": 1, "num_copy_experts": 2, "num_constant_experts": 3,
             "router": "linear", "routing": "paper", "capacity_factor": None, "layer_freq": [1, 0, 1, 1],
         },
-    },
-    "vanilla": {"moe": {"method": "vanilla"}},
+    }},
+    "vanilla": {"model": {"moe": {"method": "vanilla"}}},
+    "release-bf16": {"model": RELEASE, "training": {"bf16": True}},
 }
 
 
@@ -61,7 +65,8 @@ class TrainedRuns:
 
     def run_dir(self, family: str) -> Path:
         if family not in self._runs:
-            config = run_config_writer(self.data, self.root)(family, **SHORT_RUN, model=FAMILIES[family])
+            sections = {name: {**SHORT_RUN.get(name, {}), **values} for name, values in FAMILIES[family].items()}
+            config = run_config_writer(self.data, self.root)(family, **{**SHORT_RUN, **sections})
             assert run_distributed(train_rank, 2, str(config), []) == [0, 0]
             self._runs[family] = self.root / family
         return self._runs[family]

@@ -9,8 +9,8 @@ import torch
 from moepp_megatron.config.schema import ModelConfig, ParallelConfig
 
 
-def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0) -> list:
-    """This rank's model chunks (one per virtual pipeline stage)."""
+def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0, bf16: bool = False) -> list:
+    """This rank's model chunks (one per virtual pipeline stage), bf16 parameters if asked."""
     from moepp_megatron.model.builder import build_model
     from moepp_megatron.parallel.initialize import initialize_parallel
 
@@ -22,7 +22,7 @@ def setup(model_cfg: ModelConfig, parallel: ParallelConfig, seed: int = 0) -> li
         seed=seed,
         cpu_mode=True,
     )
-    return build_model(model_cfg, parallel)
+    return build_model(model_cfg, parallel, bf16=bf16)
 
 
 def save_checkpoint(chunks, directory: str) -> None:
@@ -56,7 +56,7 @@ def microbatches(vocab_size: int, count: int, batch: int, seq: int, seed: int = 
 def train_step(chunks: list, batches: list[dict]) -> dict:
     """Forward+backward over this data-parallel rank's share of ``batches``; grads are
     finalised (DP/EP all-reduce, SP layernorm/router reduction, PP embedding sync) into
-    ``param.main_grad``."""
+    ``param.main_grad`` (fp32, also for bf16 models: megatron's DDP reduces in fp32)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -66,7 +66,7 @@ def train_step(chunks: list, batches: list[dict]) -> dict:
     from moepp_megatron.training.trainer import wrap_for_training
 
     config = chunks[0].config
-    ddps = [wrap_for_training(chunk, cpu_mode=True, bf16=False) for chunk in chunks]
+    ddps = [wrap_for_training(chunk, cpu_mode=True, bf16=config.bf16) for chunk in chunks]
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = len(batches) // dp_size

@@ -1,5 +1,6 @@
 """Exact resume: N steps straight and N/2 + stop + resume + N/2 give bitwise identical
-losses at every step, for a MoE++ model with EP=2 on 2 processes."""
+losses at every step, for a MoE++ model with EP=2 on 2 processes, in fp32 and in bf16
+(bf16 parameters, fp32 main parameters and Adam state in the checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from tests.training.runs import train_losses, train_rank
 
 
 @pytest.mark.slow
-def test_stop_and_resume_is_bitwise_identical(run_config, tmp_path):
-    straight = run_config("straight")
-    stopped = run_config("stopped")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_stop_and_resume_is_bitwise_identical(run_config, tmp_path, bf16):
+    straight = run_config("straight", training={"bf16": bf16})
+    stopped = run_config("stopped", training={"bf16": bf16})
     assert run_distributed(train_rank, 2, str(straight), []) == [0, 0]
     assert run_distributed(train_rank, 2, str(stopped), ["training.exit_after_iters=4"]) == [0, 0]
     assert sorted(train_losses(tmp_path / "stopped")) == [1, 2, 3, 4]
@@ -25,3 +27,4 @@ def test_stop_and_resume_is_bitwise_identical(run_config, tmp_path):
     assert expected[8] < expected[1] - 0.5, "the loss must fall"
     saved = yaml.safe_load((tmp_path / "stopped/checkpoints/iter_0000008/config.yaml").read_text())
     assert saved["parallel"]["expert"] == 2 and saved["model"]["vocab_size"] == 512
+    assert saved["training"]["bf16"] is bf16
