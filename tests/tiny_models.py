@@ -91,8 +91,8 @@ def bf16_tolerance(expected: torch.Tensor, units: float) -> dict:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, bf16_units: float | None = None, msg=None, **tol) -> None:
     """assert_close with ``tol``, or within ``bf16_units`` (see :func:`bf16_tolerance`),
-    comparing values as fp32."""
-    actual, expected = actual.float(), expected.float()
+    comparing values as fp32 on the CPU."""
+    actual, expected = actual.float().cpu(), expected.float().cpu()
     if bf16_units is not None:
         tol = bf16_tolerance(expected, bf16_units)
     torch.testing.assert_close(actual, expected, msg=msg, **tol)
@@ -102,7 +102,7 @@ def assert_grads_match_reference(grads: dict, weights: dict, bf16_units: float |
     """Every megatron gradient (HF names) equals the reference's autograd gradient; prints
     the largest difference for the record."""
     assert grads.keys() == weights.keys()
-    worst = max((grads[k].float() - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
+    worst = max((grads[k].float().cpu() - p.grad).abs().max().item() for k, p in weights.items() if p.grad is not None)
     print(f"max |grad diff| = {worst:.2e}")
     for name, param in weights.items():
         expected = param.grad if param.grad is not None else torch.zeros_like(param)

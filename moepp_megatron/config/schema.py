@@ -211,6 +211,10 @@ class TrainingConfig:
     # bf16 parameters and activations (fp32 router, main parameters and gradient reduction).
     # null = bf16 on GPU, fp32 in CPU mode; true also works in CPU mode (CPU bf16 matmuls).
     bf16: Optional[bool] = None
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms, megatron's
+    # deterministic_mode): bitwise-repeatable runs and resumes on GPUs, at some speed cost.
+    # CPU runs are deterministic without it.
+    deterministic: bool = False
     # Skip steps whose loss is NaN/Inf; stop after this many in a row.
     max_nonfinite_steps: int = 5
     # Stop after this many iterations of this job (a step budget for one allocation).

@@ -21,7 +21,7 @@ def transformer_engine_available() -> bool:
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False
+    model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False, deterministic: bool = False
 ) -> TransformerConfig:
     """The one place that maps our config tree onto megatron's TransformerConfig."""
     moe = model.moe
@@ -51,6 +51,8 @@ def transformer_config(
         gradient_accumulation_fusion=fused_kernels,
         persist_layer_norm=False,
         bf16=bf16,
+        # Deterministic kernels where megatron has a choice (embedding backward, TE attention).
+        deterministic_mode=deterministic,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         tensor_model_parallel_size=parallel.tensor,
@@ -123,12 +125,14 @@ class ModelChunks(torch.nn.ModuleList):
             chunk.load_state_dict(state_dict[f"model{i}"], strict=strict)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False) -> ModelChunks:
+def build_model(
+    model: ModelConfig, parallel: ParallelConfig, *, bf16: bool = False, deterministic: bool = False
+) -> ModelChunks:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
 
     Needs megatron's parallel state (``initialize_parallel``) for the pipeline position.
     """
-    config = transformer_config(model, parallel, bf16=bf16)
+    config = transformer_config(model, parallel, bf16=bf16, deterministic=deterministic)
     use_te = transformer_engine_available()
     num_chunks = parallel.virtual_pipeline or 1
     chunks = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -99,6 +100,13 @@ def wrap_for_training(
     return DistributedDataParallel(gpt.config, ddp_config, module)
 
 
+def use_deterministic_kernels() -> None:
+    """torch's deterministic algorithms (an error names any op without one). cuBLAS needs a
+    fixed workspace for repeatable GEMMs; it reads the variable when CUDA first uses it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.run_dir = Path(config.run_dir)
@@ -111,6 +119,8 @@ class Trainer:
             )
         self.config = config
         p = config.parallel
+        if config.training.deterministic:
+            use_deterministic_kernels()
         initialize_parallel(
             tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
             virtual_pipeline_parallel=p.virtual_pipeline, seed=config.seed, cpu_mode=p.cpu_mode,
@@ -128,7 +138,9 @@ class Trainer:
             training=dataclasses.replace(config.training, bf16=self.bf16),
         ))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
-        self.chunks = build_model(self.model_config, p, bf16=self.bf16)
+        self.chunks = build_model(
+            self.model_config, p, bf16=self.bf16, deterministic=config.training.deterministic
+        )
         self.models = [
             wrap_for_training(chunk, p.cpu_mode, self.bf16, config.optim.use_distributed_optimizer)
             for chunk in self.chunks

@@ -65,7 +65,7 @@ CASES = {
 def megatron_loss_and_logits(gpt, ids, labels):
     get_moe_layer_wise_logging_tracker().clear()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    positions = torch.arange(SEQ).expand(BATCH, -1)
+    positions = torch.arange(SEQ, device=ids.device).expand(BATCH, -1)
     with torch.no_grad():
         logits = gpt(ids, positions, None)
     get_moe_layer_wise_logging_tracker().clear()

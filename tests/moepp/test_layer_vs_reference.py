@@ -40,8 +40,9 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_UNITS = 4
 
 
-def build_moepp_layer(model, bf16: bool = False):
-    config = transformer_config(model, ParallelConfig(cpu_mode=True), bf16=bf16)
+def build_moepp_layer(model, bf16: bool = False, cpu_mode: bool = True):
+    """Layer 1 of ``model``: on CPU in CPU mode, else on the current GPU."""
+    config = transformer_config(model, ParallelConfig(cpu_mode=cpu_mode), bf16=bf16)
     spec = decoder_block_spec(config, use_transformer_engine=False).layer_specs[0]
     layer = build_module(spec.submodules.mlp, config=config)
     layer.set_layer_number(1)
@@ -61,7 +62,7 @@ def run_megatron(layer, x_SBD, residual_SBN):
     residual = None if residual_SBN is None else residual_SBN.clone().requires_grad_()
     out, bias, logits = layer(x_SBD, residual)
     assert bias is None
-    (out.float() * output_weights(out.numel()).view_as(out)).sum().backward()
+    (out.float() * output_weights(out.numel()).to(out.device).view_as(out)).sum().backward()
     lb = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
     return out.detach(), logits.detach(), lb, x_SBD.grad, None if residual is None else residual.grad
 
