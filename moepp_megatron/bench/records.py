@@ -83,30 +83,43 @@ def git_state(repo: Path = REPO_ROOT) -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def write_record(
-    benchmark: str, device: torch.device, config: dict, results: list[dict], results_dir: Path
-) -> Path:
-    created = datetime.datetime.now(datetime.timezone.utc)
-    info = device_info(device)
-    record = {
+def new_record(benchmark: str, device: torch.device, config: dict, results: list[dict]) -> dict:
+    return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": benchmark,
-        "created_utc": created.isoformat(timespec="seconds"),
-        "device": info,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_info(device),
         "versions": versions(),
         "git": git_state(),
         "config": config,
         "results": results,
     }
+
+
+def new_record_path(record: dict, results_dir: Path) -> Path:
+    """``results_dir/YYYYMMDD-HHMMSS_<device>_<benchmark>.json``, not taken yet."""
+    created = datetime.datetime.fromisoformat(record["created_utc"])
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{created:%Y%m%d-%H%M%S}_{device_slug(info)}_{benchmark}"
+    stem = f"{created:%Y%m%d-%H%M%S}_{device_slug(record['device'])}_{record['benchmark']}"
     path = results_dir / f"{stem}.json"
     suffix = 1
     while path.exists():
         path = results_dir / f"{stem}-{suffix}.json"
         suffix += 1
+    return path
+
+
+def save_record(record: dict, path: Path) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def write_record(
+    benchmark: str, device: torch.device, config: dict, results: list[dict], results_dir: Path
+) -> Path:
+    record = new_record(benchmark, device, config, results)
+    path = new_record_path(record, results_dir)
+    save_record(record, path)
     return path
 
 
