@@ -13,6 +13,9 @@ from tests.slurm.conftest import REPO
 
 SHELL_SCRIPTS = [
     "scripts/pretrain.sh",
+    "scripts/gpu_check.sh",
+    "scripts/test.sh",
+    "scripts/demo.sh",
     "scripts/slurm/pretrain.sbatch",
     "scripts/slurm/node.sh",
     "scripts/slurm/paper_runs.sh",
