@@ -5,7 +5,8 @@
   identical, values agree to float rounding (inductor may reorder a reduction);
 - the whole MoE++ layer with ``compile_routing`` against the reference;
 - grouped GEMM experts (``TorchGroupedMLP``, torch._grouped_mm) against megatron's
-  SequentialMLP with the same weights (moved through dist_checkpointing): bitwise;
+  SequentialMLP with the same weights (moved through dist_checkpointing): to float rounding
+  (different GEMM calls, whose blocking may depend on the threads available);
 - a static audit that the MoE++ modules contain no host-device synchronisation (on a GPU,
   tests/gpu runs routing and the ZC experts under torch's sync debug mode).
 """
@@ -176,7 +177,7 @@ def test_grouped_gemm_matches_sequential_mlp(single_process, method):
     )
     for a, b in zip(forward(sequential), forward(grouped)):
         if a is not None:
-            assert torch.equal(a, b)
+            torch.testing.assert_close(b, a, **ROUNDING)
     # Gradients: the grouped layer's grads, moved into a SequentialMLP layout, are the
     # sequential layer's grads.
     with torch.no_grad():
@@ -185,7 +186,7 @@ def test_grouped_gemm_matches_sequential_mlp(single_process, method):
     grads_as_sequential = build_moepp_layer(model)
     copy_through_checkpoint(grouped, grads_as_sequential)
     for (name, param), moved in zip(sequential.named_parameters(), grads_as_sequential.parameters()):
-        assert torch.equal(param.grad, moved), name
+        torch.testing.assert_close(moved, param.grad, **ROUNDING, msg=name)
 
 
 def _vanilla_forward_backward(layer, x_SBD):
