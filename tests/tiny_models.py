@@ -62,9 +62,10 @@ def reference_config(model: ModelConfig) -> RefConfig:
 
 
 def reference_weights(module: torch.nn.Module, model: ModelConfig, prefix: str = "") -> dict:
-    """The module's parameters under HF names, as fresh fp32 leaf tensors that require grad
-    (bf16 parameters convert exactly, so the fp32 reference computes with the same weights)."""
-    state = {prefix + name: p.detach().to(torch.float32, copy=True) for name, p in module.named_parameters()}
+    """The module's parameters under HF names, as fresh fp32 CPU leaf tensors that require
+    grad (bf16 parameters convert exactly, so the fp32 reference computes with the same
+    weights)."""
+    state = {prefix + name: p.detach().to("cpu", torch.float32, copy=True) for name, p in module.named_parameters()}
     return {name: t.requires_grad_() for name, t in megatron_to_hf(state, model).items()}
 
 

@@ -73,14 +73,14 @@ class Stage:
 
 
 STAGES = [
-    Stage("tests", [], 120, dry_limit_s=900),
+    Stage("tests", [], 170, dry_limit_s=900),
     Stage("layer", ["layer", "--models", "0.6B,1B,2B,7B", "--warmup", "3", "--repeats", "10",
-                    "--set", "model.moe.grouped_gemm=true"], 150,
+                    "--set", "model.moe.grouped_gemm=true"], 120,
           ["layer", "--models", "0.6B", "--taus", "0.5,1.0", "--tokens", "64", *DRY_TIMING, *TINY,
            "model.moe.grouped_gemm=true"]),
-    Stage("overhead", ["overhead", "--models", "0.6B,7B", "--compile", "on"], 60,
+    Stage("overhead", ["overhead", "--models", "0.6B,7B", "--compile", "on"], 50,
           ["overhead", "--models", "0.6B", "--compile", "on", "--tokens", "64", *DRY_TIMING, *TINY]),
-    Stage("train", ["train", "--model", "0.6B"], 110,
+    Stage("train", ["train", "--model", "0.6B"], 100,
           ["train", "--model", "0.6B", "--micro-batch", "1", "--seq-length", "32", "--microbatches", "1",
            *DRY_TIMING, *TINY]),
     Stage("report", ["report"], 20, ["report"]),

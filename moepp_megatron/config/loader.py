@@ -24,6 +24,11 @@ T = TypeVar("T")
 def load_config(paths: str | Path | Sequence[str | Path], overrides: Iterable[str] = ()) -> RunConfig:
     """Read run config file(s) (following ``base:`` links; later files win) and apply
     dotted overrides, e.g. a model preset, then a recipe, then ``data.root=...``."""
+    return load_typed(RunConfig, paths, overrides)
+
+
+def load_typed(cls: type[T], paths: str | Path | Sequence[str | Path], overrides: Iterable[str] = ()) -> T:
+    """:func:`load_config` for any config dataclass ``cls``."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     data: dict = {}
     for path in paths:
@@ -33,7 +38,7 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Iterable[st
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected dotted.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(RunConfig, data, where=" + ".join(map(str, paths)))
+    return from_dict(cls, data, where=" + ".join(map(str, paths)))
 
 
 def to_dict(config: Any) -> dict:

@@ -156,6 +156,12 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     # train / valid / test proportions of every source, as megatron's "split" string.
     split: str = "98,1,1"
+    # Held-out validation data: with these, training reads all of ``sources`` / ``mixture``
+    # and validation reads these (megatron's blend_per_split); ``split`` is then unused.
+    valid_sources: list[DataSource] = field(default_factory=list)
+    # Seed of the sample order; null = the run's seed. Fix it to train several seeds of a
+    # model on the same tokens in the same order.
+    seed: Optional[int] = None
     eod_mask_loss: bool = False
     # megatron writes its sample/shuffle index files here (default: next to the data).
     cache_dir: Optional[str] = None
@@ -208,6 +214,8 @@ class TrainingConfig:
     micro_batch_size: int = 1
     eval_interval: int = 1000
     eval_iters: int = 10
+    # Validate also without capacity (lm_loss_dropless): how the HF inference code routes.
+    eval_dropless: bool = False
     # bf16 parameters and activations (fp32 router, main parameters and gradient reduction).
     # null = bf16 on GPU, fp32 in CPU mode; true also works in CPU mode (CPU bf16 matmuls).
     bf16: Optional[bool] = None

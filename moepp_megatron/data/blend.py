@@ -41,7 +41,8 @@ class Mixture:
 
 
 def resolve_sources(data_cfg: DataConfig, config_dir: Path | None = None) -> list[DataSource]:
-    """The blend's sources with absolute prefixes (weights as given, not normalised).
+    """The blend's sources with absolute prefixes (weights as given, not normalised), the
+    held-out ``data.valid_sources`` after them.
 
     A relative ``data.mixture`` path is taken from ``config_dir`` when given, else from the
     repository root; relative prefixes are taken from ``data.root`` (itself relative to the
@@ -53,6 +54,10 @@ def resolve_sources(data_cfg: DataConfig, config_dir: Path | None = None) -> lis
         sources = data_cfg.sources
     if not sources:
         raise ValueError("data: no sources; set data.mixture or data.sources")
+    return _absolute(data_cfg, sources) + _absolute(data_cfg, data_cfg.valid_sources)
+
+
+def _absolute(data_cfg: DataConfig, sources: list[DataSource]) -> list[DataSource]:
     root = Path(data_cfg.root).expanduser()
     return [
         DataSource(prefix=os.path.abspath(root / Path(s.prefix).expanduser()), weight=s.weight)
@@ -69,6 +74,12 @@ def _read_mixture(path: Path, config_dir: Path | None) -> list[DataSource]:
     with open(path) as f:
         content = yaml.safe_load(f) or {}
     return from_dict(Mixture, content, where=str(path)).sources
+
+
+def _blend(sources: list[DataSource]) -> tuple[list[str], list[float] | None]:
+    total = sum(s.weight for s in sources)
+    # One source: no BlendedDataset around it (megatron builds one otherwise, and warns).
+    return [s.prefix for s in sources], [s.weight / total for s in sources] if len(sources) > 1 else None
 
 
 def check_sources(sources: list[DataSource]) -> None:
@@ -113,14 +124,15 @@ def build_gpt_datasets(
         )
     sources = resolve_sources(data_cfg, config_dir)
     check_sources(sources)
-    total = sum(s.weight for s in sources)
-    # One source: no BlendedDataset around it (megatron builds one otherwise, and warns).
-    weights = [s.weight / total for s in sources] if len(sources) > 1 else None
+    if data_cfg.valid_sources:
+        train_sources = sources[: len(sources) - len(data_cfg.valid_sources)]
+        splits = dict(blend_per_split=[_blend(train_sources), _blend(_absolute(data_cfg, data_cfg.valid_sources)), None])
+    else:
+        splits = dict(blend=_blend(sources), split=data_cfg.split)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([s.prefix for s in sources], weights),
-        split=data_cfg.split,
+        **splits,
         path_to_cache=data_cfg.cache_dir and os.path.abspath(data_cfg.cache_dir),
         tokenizer=tokenizer,
         reset_position_ids=False,

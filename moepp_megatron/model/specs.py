@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moepp_megatron.model.grouped_experts import TorchGroupedMLP
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
+from moepp_megatron.moepp.counters import CountingTopKRouter
 from moepp_megatron.moepp.layer import MoEPPLayer
 from moepp_megatron.moepp.router import MoEPPRouter
 from moepp_megatron.moepp.transformer_layer import MoEPPTransformerLayer
@@ -28,11 +29,21 @@ def decoder_block_spec(
     if config.moe_grouped_gemm and not use_transformer_engine:
         # Without TE megatron picks its legacy GroupedMLP (grouped_gemm package, bf16 only).
         block.layer_specs = [_with_torch_grouped_mm(spec) for spec in block.layer_specs]
-    if not isinstance(config, MoEPPTransformerConfig):
-        return block
     # The list holds references to the same spec objects: copy before editing.
+    if not isinstance(config, MoEPPTransformerConfig):
+        block.layer_specs = [_with_counting_router(spec) for spec in block.layer_specs]
+        return block
     block.layer_specs = [_as_moepp(spec) for spec in block.layer_specs]
     return block
+
+
+def _with_counting_router(layer_spec):
+    # Vanilla MoE: the stock router, counting its routing for the statistics.
+    if layer_spec.submodules.mlp.module is not MoELayer:
+        return layer_spec
+    layer_spec = copy.deepcopy(layer_spec)
+    layer_spec.submodules.mlp.submodules.router = CountingTopKRouter
+    return layer_spec
 
 
 def _as_moepp(layer_spec):

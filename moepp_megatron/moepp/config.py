@@ -8,8 +8,9 @@ expert-parallel split, dispatcher shapes and expert modules from it. The zero-co
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -120,3 +121,25 @@ def _reject_unsupported(c: MoEPPTransformerConfig) -> None:
     for name, bad, why in unsupported:
         if bad:
             _fail(name, why)
+
+
+CAPACITY_FIELDS = ("moepp_capacity_factor", "moe_expert_capacity_factor")
+
+
+def has_capacity(config: TransformerConfig) -> bool:
+    return any(getattr(config, name, None) is not None for name in CAPACITY_FIELDS)
+
+
+@contextlib.contextmanager
+def dropless(config: TransformerConfig) -> Iterator[None]:
+    """Route without capacity inside the block (as the released inference code does), for
+    MoE++ and vanilla layers alike: every layer of a model reads its capacity factor from
+    this one config at routing time. Restored on exit, also after an exception."""
+    saved = {name: getattr(config, name) for name in CAPACITY_FIELDS if hasattr(config, name)}
+    try:
+        for name in saved:
+            setattr(config, name, None)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)

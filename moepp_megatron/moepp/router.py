@@ -24,12 +24,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from moepp_megatron.moepp.compiled import compiled
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
+from moepp_megatron.moepp.counters import RoutingCounters
 from moepp_megatron.moepp.routing import heterogeneous_capacity, load_balance_weights, route
 
 ROUTER_MLP_EXPANSION = 8
 
 
-class MoEPPRouter(TopKRouter):
+class MoEPPRouter(RoutingCounters, TopKRouter):
     """Routes every token over N = N_ffn + N_zc experts.
 
     Parameters: ``weight`` ([N, D] linear router, or the [8N, D] first layer of the MLP
@@ -52,10 +53,12 @@ class MoEPPRouter(TopKRouter):
         )
         self.gate_map = torch.nn.Parameter(torch.empty(num_experts, num_experts, dtype=torch.float32))
         self.reset_parameters()
-        # Counters for routing statistics (int64 so bf16 model casts leave them exact).
-        self.register_buffer("picked_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("kept_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        # Column order: FFN experts, then constant, copy and zero experts.
+        self.init_counters(config.num_moe_experts, (
+            ("constant", config.moepp_num_constant_experts),
+            ("copy", config.moepp_num_copy_experts),
+            ("zero", config.moepp_num_zero_experts),
+        ))
 
     def reset_parameters(self) -> None:
         # Called by the base constructor before the MoE++ parameters exist.
@@ -118,7 +121,7 @@ class MoEPPRouter(TopKRouter):
         if self.training and torch.is_grad_enabled():
             # Guarded like megatron's aux losses so activation recompute counts it once.
             gates_TN = self._apply_load_balance_loss(gates_TN, probs_TN, picked_TN, padding_mask)
-            self._count(picked_TN, kept_TN, padding_mask)
+            self.count(picked_TN, kept_TN, padding_mask)
         return gates_TN, kept_TN
 
     def _capacity(self, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -162,14 +165,3 @@ class MoEPPRouter(TopKRouter):
             gates_TN, beta, lb_loss, "load_balancing_loss", self.tp_cp_group,
             valid_token_count=local_tokens,
         )
-
-    @torch.no_grad()
-    def _count(self, picked_TN, kept_TN, padding_mask) -> None:
-        if padding_mask is not None:
-            valid_T1 = ~padding_mask.unsqueeze(-1)
-            picked_TN, kept_TN = picked_TN & valid_T1, kept_TN & valid_T1
-            self.routed_tokens += valid_T1.sum()
-        else:
-            self.routed_tokens += picked_TN.shape[0]
-        self.picked_per_expert += picked_TN.sum(dim=0)
-        self.kept_per_expert += kept_TN.sum(dim=0)

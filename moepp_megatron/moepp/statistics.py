@@ -1,9 +1,10 @@
-"""Routing statistics of MoE++ layers, for the training log.
+"""Routing statistics of MoE++ and vanilla MoE layers, for the training log.
 
-Each :class:`MoEPPRouter` counts, during training forwards, the tokens it routed and the
-assignments per expert before (picked) and after (kept) capacity dropping. Reading the
-statistics sums those counters over ``reduce_group`` (the ranks that saw different
-tokens: data parallel, and tensor parallel under sequence parallelism) and resets them.
+Each counting router (:mod:`counters`) counts, during training forwards, the tokens it
+routed and the assignments per expert before (picked) and after (kept) capacity dropping.
+Reading the statistics sums those counters over ``reduce_group`` (the ranks that saw
+different tokens: data parallel, and tensor parallel under sequence parallelism) and
+resets them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
-from moepp_megatron.moepp.router import MoEPPRouter
+from moepp_megatron.moepp.counters import RoutingCounters
 
 
 @dataclass
@@ -29,8 +30,11 @@ class LayerRoutingStats:
     tokens: int
     # Average number of FFN experts that actually processed a token (after dropping).
     ffn_experts_per_token: float
-    # Share of all top-k slots (tokens * k) kept by each ZC expert type.
+    # Share of all top-k slots (tokens * k) kept by each ZC expert type (none for vanilla).
     zc_share: dict[str, float]
+    # The same two before capacity dropping (what the router picked).
+    picked_ffn_experts_per_token: float
+    picked_zc_share: dict[str, float]
     # Kept assignments per expert (router column order) over all kept assignments.
     expert_load: list[float]
     # max / mean load over the FFN experts (1.0 = perfectly balanced).
@@ -56,14 +60,12 @@ def collect_routing_statistics(
     """Statistics of every MoE++ layer in ``model`` since the last reset, by layer number;
     with ``pipeline_group``, every stage's layers are gathered to every stage."""
     stats = []
-    for router in (m for m in model.modules() if isinstance(m, MoEPPRouter)):
-        counts = torch.cat(
-            [router.routed_tokens.view(1), router.picked_per_expert, router.kept_per_expert]
-        )
+    for router in (m for m in model.modules() if isinstance(m, RoutingCounters)):
+        counts = torch.cat([c.view(-1) for c in router.counters()])
         if reduce_group is not None:
             dist.all_reduce(counts, group=reduce_group)
         if reset:
-            for buffer in (router.routed_tokens, router.picked_per_expert, router.kept_per_expert):
+            for buffer in router.counters():
                 buffer.zero_()
         stats.append(_summarise(router, counts.cpu().double()))
     if pipeline_group is not None and pipeline_group.size() > 1:
@@ -73,26 +75,28 @@ def collect_routing_statistics(
     return sorted(stats, key=lambda s: s.layer)
 
 
-def _summarise(router: MoEPPRouter, counts: torch.Tensor) -> LayerRoutingStats:
-    c = router.config
-    num_experts, num_ffn = c.moepp_num_experts, c.num_moe_experts
+def _summarise(router: RoutingCounters, counts: torch.Tensor) -> LayerRoutingStats:
+    num_ffn = router.num_ffn_experts
+    num_experts = (counts.numel() - 1) // 2
     tokens = counts[0]
     picked, kept = counts[1 : 1 + num_experts], counts[1 + num_experts :]
     slots = max(tokens.item() * router.topk, 1.0)
-    zc_kept = kept[num_ffn:]
-    ends = torch.tensor(
-        [c.moepp_num_constant_experts, c.moepp_num_copy_experts, c.moepp_num_zero_experts]
-    ).cumsum(0)
-    zc_share = {
-        kind: zc_kept[start:end].sum().item() / slots
-        for kind, start, end in zip(("constant", "copy", "zero"), [0, *ends[:-1].tolist()], ends.tolist())
-    }
+
+    def zc_share(assignments: torch.Tensor) -> dict[str, float]:
+        share, start = {}, num_ffn
+        for kind, count in router.zc_experts:
+            share[kind] = assignments[start : start + count].sum().item() / slots
+            start += count
+        return share
+
     ffn_kept = kept[:num_ffn]
     return LayerRoutingStats(
         layer=router.layer_number,
         tokens=int(tokens.item()),
         ffn_experts_per_token=ffn_kept.sum().item() / max(tokens.item(), 1.0),
-        zc_share=zc_share,
+        zc_share=zc_share(kept),
+        picked_ffn_experts_per_token=picked[:num_ffn].sum().item() / max(tokens.item(), 1.0),
+        picked_zc_share=zc_share(picked),
         expert_load=(kept / kept.sum().clamp_min(1.0)).tolist(),
         ffn_load_imbalance=(ffn_kept.max() / ffn_kept.mean().clamp_min(1e-9)).item(),
         dropped_fraction=((picked - kept).sum() / picked.sum().clamp_min(1.0)).item(),

@@ -27,6 +27,7 @@ from moepp_megatron.config.schema import RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets, check_sources, resolve_sources
 from moepp_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
 from moepp_megatron.model.builder import build_model
+from moepp_megatron.moepp.config import dropless, has_capacity
 from moepp_megatron.moepp.statistics import (
     collect_aux_losses,
     collect_routing_statistics,
@@ -156,7 +157,7 @@ class Trainer:
             config.data, seq_length=g.seq_length, tokenizer=tokenizer,
             train_samples=g.train_iters * g.global_batch_size,
             valid_samples=config.training.eval_iters * g.global_batch_size,
-            test_samples=0, seed=config.seed,
+            test_samples=0, seed=config.seed if config.data.seed is None else config.data.seed,
         )[:2]
         self.train_iterator = self._batches(self.train_data, self.state.consumed_samples)
         self._stop_signal = None
@@ -220,7 +221,7 @@ class Trainer:
         for model in self.models:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses = get_forward_backward_func()(
             forward_step_func=gpt_forward_step, data_iterator=self.train_iterator,
             model=self.models, num_microbatches=g.num_microbatches, seq_length=g.seq_length,
@@ -236,6 +237,9 @@ class Trainer:
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         return {
+            # This process's CPU time (all its threads): comparable between runs on a
+            # machine shared with other work, where wall time is not.
+            "step_cpu_time_s": time.process_time() - cpu_start,
             "lm_loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -264,8 +268,21 @@ class Trainer:
             )
         return {"lm_loss": loss, "skipped": True}
 
+    def evaluate(self) -> dict:
+        """Validation lm loss, with the training capacity; with ``training.eval_dropless``
+        also dropless (``lm_loss_dropless``), as the HF inference code routes."""
+        results = {"lm_loss": self._validation_loss()}
+        if self.config.training.eval_dropless:
+            config = self.chunks[0].config
+            if has_capacity(config):
+                with dropless(config):
+                    results["lm_loss_dropless"] = self._validation_loss()
+            else:
+                results["lm_loss_dropless"] = results["lm_loss"]
+        return results
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def _validation_loss(self) -> float:
         for model in self.models:
             model.eval()
         g = self.geometry
@@ -301,6 +318,8 @@ class Trainer:
                 f"layer_{s.layer}": {
                     "ffn_experts_per_token": s.ffn_experts_per_token,
                     "zc_share": s.zc_share,
+                    "picked_ffn_experts_per_token": s.picked_ffn_experts_per_token,
+                    "picked_zc_share": s.picked_zc_share,
                     "ffn_load_imbalance": s.ffn_load_imbalance,
                     "dropped_fraction": s.dropped_fraction,
                 }
@@ -335,8 +354,9 @@ class Trainer:
                     since_log = 0
                 if it % cfg.training.eval_interval == 0 or it == g.train_iters:
                     valid = self.evaluate()
-                    self.metrics.log(it, {"lm_loss": valid}, prefix="valid")
-                    self.metrics.print(f"iteration {it}: validation lm loss {valid:.4f}")
+                    self.metrics.log(it, valid, prefix="valid")
+                    self.metrics.print(f"iteration {it}: validation " + ", ".join(
+                        f"{name.replace('_', ' ')} {value:.4f}" for name, value in valid.items()))
                 if it % cfg.checkpoint.save_interval == 0:
                     self.save()
                     last_saved = it

@@ -142,6 +142,24 @@ def test_blend_honours_the_weights(tmp_path, sp_model, sp_reference, single_proc
         assert ids <= ids_of[source] and ids & own_ids[source]
 
 
+def test_held_out_valid_sources_and_data_seed(tmp_path, sp_model, single_process):
+    """data.valid_sources: training reads all of its sources, validation only the held-out
+    one (megatron's blend_per_split); the sample order follows the seed."""
+    prefixes = _write_sources(tmp_path, sp_model)
+    held_out = [DataSource(prefixes[2])]
+    train, valid, test = _build(tmp_path, sp_model, [DataSource(p) for p in prefixes[:2]], valid_sources=held_out)
+    assert [d.dataset_path for d in train.datasets] == [str(tmp_path / p) for p in prefixes[:2]]
+    assert isinstance(valid, GPTDataset) and valid.dataset_path == str(tmp_path / prefixes[2])
+    assert test is None and len(valid) >= 50
+    # Whole sources, no split: every document of the training sources is in the blend.
+    assert all(set(d.document_index.tolist()) == set(range(40)) for d in train.datasets)
+    data = DataConfig(root=str(tmp_path), sources=[DataSource(prefixes[0])], cache_dir=str(tmp_path / "c2"))
+    kwargs = dict(seq_length=16, tokenizer=load_tokenizer(sp_model), train_samples=200, valid_samples=0,
+                  test_samples=0)
+    orders = [build_gpt_datasets(data, seed=seed, **kwargs)[0].shuffle_index.tolist() for seed in (7, 7, 8)]
+    assert orders[0] == orders[1] != orders[2]
+
+
 def test_samples_and_eod_mask_loss(tmp_path, sp_model, single_process):
     prefixes = _write_sources(tmp_path, sp_model)
     eos = load_tokenizer(sp_model).eos_id

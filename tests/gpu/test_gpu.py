@@ -44,9 +44,10 @@ from tests.training.runs import run_config_writer, train_losses
 pytestmark = pytest.mark.gpu
 
 TOL = dict(rtol=1e-4, atol=1e-5)
+# Compiling takes tens of seconds: only the first case compiles its routing (on a GPU).
 LAYER_CASES = {
-    "paper-linear-capacity": dict(routing="paper", router="linear", capacity_factor=0.8),
-    "release-mlp-dropless": dict(routing="release", router="mlp", capacity_factor=None),
+    "paper-linear-capacity-compiled": dict(routing="paper", router="linear", capacity_factor=0.8, compile=True),
+    "release-mlp-dropless": dict(routing="release", router="mlp", capacity_factor=None, compile=False),
 }
 
 
@@ -58,7 +59,9 @@ def _layer(model, device, bf16=True):
 def test_bf16_layer_matches_reference(device_process, case):
     device = device_process
     torch.manual_seed(0)
-    model = tiny_model(aux_loss_coeff=0.01, compile_routing=device.type == "cuda", **LAYER_CASES[case])
+    fields = dict(LAYER_CASES[case])
+    compile_routing = fields.pop("compile") and device.type == "cuda"
+    model = tiny_model(aux_loss_coeff=0.01, compile_routing=compile_routing, **fields)
     layer = _layer(model, device)
     num_experts = layer.router.config.moepp_num_experts
     x = torch.randn(12, 3, model.hidden_size).bfloat16().float()
@@ -88,7 +91,9 @@ def test_bf16_model_matches_reference(device_process):
     from moepp_megatron.model.builder import build_model
 
     device = device_process
-    model = tiny_model(num_layers=2, aux_loss_coeff=0.01, routing="release", router="mlp", capacity_factor=1.0)
+    model = tiny_model(
+        num_layers=2, aux_loss_coeff=0.01, routing="release", router="mlp", capacity_factor=1.0, compile_routing=False
+    )
     torch.manual_seed(0)
     (gpt,) = build_model(model, ParallelConfig(cpu_mode=device.type == "cpu"), bf16=True)
     gpt = gpt.to(device).train()
@@ -136,7 +141,7 @@ def test_grouped_gemm_matches_sequential_mlp_in_bf16(device_process, method):
     weights: equal within bf16 rounding."""
     device = device_process
     torch.manual_seed(0)
-    model = tiny_model(method=method, capacity_factor=None)
+    model = tiny_model(method=method, capacity_factor=None, compile_routing=False)
     sequential = _layer(model, device)
     grouped = _layer(with_moe(model, grouped_gemm=True), device)
     assert isinstance(grouped.experts, TorchGroupedMLP)
@@ -170,12 +175,17 @@ def test_compiled_routing_matches_eager(device):
 
 # ---- the trainer on one device --------------------------------------------------------------
 
-def _train(config, device, *overrides) -> None:
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(find_free_port())}
-    env.pop("MOEPP_CPU_MODE", None)
-    command = [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config), *overrides]
-    subprocess.run(command, check=True, env=env, timeout=300)
+def _train(*runs: tuple) -> None:
+    """Runs ``moepp-train`` once per (config, *overrides), side by side (world size 1 each)."""
+    processes = []
+    for config, *overrides in runs:
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(find_free_port())}
+        env.pop("MOEPP_CPU_MODE", None)
+        command = [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config), *overrides]
+        processes.append(subprocess.Popen(command, env=env))
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.args
 
 
 def _hf_vs_megatron(run_dir, hf_dir) -> float:
@@ -202,15 +212,15 @@ def test_train_resume_exactly_and_export(device, tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-train")
     write = run_config_writer(tiny_blend(tmp_path_factory.mktemp("gpu-data")), root)
     sections = dict(
+        model={"moe": {"compile_routing": False}},
         parallel={"expert": 1, "cpu_mode": device.type == "cpu"},
         # bf16 is the GPU default; set here so the CPU dry run takes the same path.
         training={"train_iters": 6, "bf16": True, "deterministic": True, "eval_interval": 100},
         checkpoint={"save_interval": 3},
     )
-    _train(write("straight", **sections), device)
     stopped = write("stopped", **sections)
-    _train(stopped, device, "training.exit_after_iters=3")
-    _train(stopped, device)
+    _train((write("straight", **sections),), (stopped, "training.exit_after_iters=3"))
+    _train((stopped,))
     expected, resumed = train_losses(root / "straight"), train_losses(root / "stopped")
     print(f"losses on {device}: {expected}")
     assert sorted(expected) == list(range(1, 7)) and resumed == expected

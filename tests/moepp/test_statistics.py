@@ -1,4 +1,5 @@
-"""Routing statistics agree with counts taken from the reference layer's routing masks."""
+"""Routing statistics agree with counts taken from the reference layer's routing masks, for
+MoE++ and for the vanilla baseline (megatron's stock router, counting)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 
 from moepp_megatron.moepp.statistics import collect_routing_statistics
 from tests.moepp.test_layer_vs_reference import build_moepp_layer, run_megatron, run_reference
-from tests.tiny_models import reference_weights, tiny_model
+from tests.reference import moepp_reference as ref
+from tests.tiny_models import reference_config, reference_weights, tiny_model
 
 
 def test_statistics_match_reference_counts(single_process):
@@ -31,6 +33,8 @@ def test_statistics_match_reference_counts(single_process):
         "copy": kept[:, 6].sum().item() / slots,
         "zero": kept[:, 7].sum().item() / slots,
     }
+    assert stats.picked_ffn_experts_per_token == picked[:, :4].sum().item() / tokens
+    assert stats.picked_zc_share["zero"] == picked[:, 7].sum().item() / slots
     torch.testing.assert_close(
         torch.tensor(stats.expert_load, dtype=torch.float64), kept.sum(0) / kept.sum()
     )
@@ -42,3 +46,24 @@ def test_statistics_match_reference_counts(single_process):
     with torch.no_grad():
         layer(x)
     assert collect_routing_statistics(layer)[0].tokens == 0
+
+
+def test_vanilla_statistics_match_reference_counts(single_process):
+    torch.manual_seed(1)
+    model = tiny_model(method="vanilla", capacity_factor=0.8)
+    layer = build_moepp_layer(model).train()
+    x = torch.randn(12, 3, model.hidden_size)
+    weights = reference_weights(layer, model, prefix="decoder.layers.0.mlp.")
+    out, _ = layer(x.clone().requires_grad_())
+    out.sum().backward()
+    _, _, aux = ref.moepp_layer(x.reshape(-1, model.hidden_size), ref.moe_weights(weights, 0), None,
+                                reference_config(model))
+    picked, kept = aux["topk_mask"].double(), aux["kept_mask"].double()
+    tokens = x.shape[0] * x.shape[1]
+
+    (stats,) = collect_routing_statistics(layer)
+
+    assert stats.tokens == tokens and stats.zc_share == {} == stats.picked_zc_share
+    assert stats.picked_ffn_experts_per_token == 2.0
+    assert stats.ffn_experts_per_token == kept.sum().item() / tokens < 2.0
+    assert stats.dropped_fraction == (picked.sum() - kept.sum()).item() / picked.sum().item()

@@ -82,7 +82,7 @@ def _worker(job: str, fresh: str) -> dict:
     )
     out["init_optimizer_states"] = sum(len(o.optimizer.state) for o in new.optimizer.chained_optimizers)
     out["init_scheduler_steps"] = new.scheduler.num_steps
-    out["init_valid_loss"] = new.evaluate()
+    out["init_valid_loss"] = new.evaluate()["lm_loss"]
     out["init_exit"] = new.run()
     return out
 
