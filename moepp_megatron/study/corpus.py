@@ -4,7 +4,8 @@ machine already has (nothing is downloaded beyond the packages the project insta
 Sources, each a directory tree of ``.py`` files, every file one document:
 - ``stdlib``: CPython's standard library (the running interpreter's, tests included);
 - ``torch``: the installed torch package's Python sources;
-- ``megatron``: the installed megatron-core package's Python sources.
+- ``megatron``: the installed megatron-core package's Python sources;
+- ``numpy``: the installed numpy package's Python sources.
 ``quick`` takes a few standard-library packages and megatron's transformer code instead.
 
 Deterministic: files are read in sorted order; a file is held out for validation when the
@@ -53,7 +54,7 @@ def _package_dir(module: str) -> str:
 SPECS = {
     "full": CorpusSpec(
         "full",
-        (("stdlib", "stdlib", ()), ("torch", "torch", ()), ("megatron", "megatron", ())),
+        (("stdlib", "stdlib", ()), ("torch", "torch", ()), ("megatron", "megatron", ()), ("numpy", "numpy", ())),
         vocab_size=8192, tokenizer_lines=400_000, min_train_tokens=20_000_000,
     ),
     "quick": CorpusSpec(
@@ -111,7 +112,8 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"python": platform.python_version(), "torch": version("torch"), "megatron-core": version("megatron-core")}
+    return {"python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "megatron-core", "numpy", "sentencepiece")}}
 
 
 def build_corpus(spec_name: str, directory: Path, workers: int = 2) -> Corpus:

@@ -1,8 +1,10 @@
 """Runs a study: every (variant, seed) as one ``moepp-train`` process on the same corpus,
 the same tokens in the same order, then one JSON record with every curve and statistic.
 
-A run whose directory holds ``done.json`` is not run again, so an interrupted study picks
-up where it stopped (an unfinished run resumes from its last checkpoint).
+A run's directory is named by its variant, seed and a hash of its full override list, so
+studies share identical runs (the ablations reuse the main study's vanilla and MoE++ runs
+of seed 1) and a run whose directory holds ``done.json`` is not run again: an interrupted
+study picks up where it stopped (an unfinished run resumes from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def plan(study: StudyConfig, config_dir: Path, corpus: Corpus, work_dir: Path) -
     runs = []
     for variant in study.variants:
         for seed in study.seeds:
-            run_dir = work_dir / study.name / f"{variant.name}-s{seed}"
-            overrides = [*data, *study.overrides, *variant.overrides, f"seed={seed}", f"run_dir={run_dir}"]
-            runs.append(Run(variant.name, seed, run_dir, overrides))
+            overrides = [*data, *study.overrides, *variant.overrides, f"seed={seed}"]
+            digest = hashlib.sha256("\n".join([study.run_config, *overrides]).encode()).hexdigest()[:8]
+            run_dir = work_dir / "runs" / f"{variant.name}-s{seed}-{digest}"
+            runs.append(Run(variant.name, seed, run_dir, [*overrides, f"run_dir={run_dir}"]))
     # Fail on a bad override before the first run starts.
     for run in runs:
         load_config(config_dir / study.run_config, run.overrides)

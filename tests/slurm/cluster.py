@@ -135,6 +135,19 @@ class LocalSlurm:
                 )
             time.sleep(0.5)
 
+    def wait_for_idle_node(self, timeout: float) -> None:
+        """Until the node has finished cleaning up after its jobs (no COMPLETING state): a
+        job started before that can fail at once ("Job credential revoked")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.command("scontrol", "show", "node", "--oneliner").stdout
+            state = dict(re.findall(r"(\S+?)=(\S*)", out)).get("State", "")
+            if state.startswith("IDLE") and "COMPLETING" not in state:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node still {state} after {timeout:.0f} s\n{self.logs()}")
+            time.sleep(0.5)
+
     # --- internals ------------------------------------------------------------------------
     def _start_munge(self) -> None:
         key = self.base / "munge-key" / "munge.key"

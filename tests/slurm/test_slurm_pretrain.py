@@ -113,7 +113,9 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_w
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{job_log(slurm_workdir, name, job)}"
     stopped_at = latest_iteration(run_dir)
     assert stopped_at is not None and 3 <= stopped_at < ITERATIONS
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now.
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now, once the node
+    # has cleaned up after its first run (an earlier start races that clean-up).
+    slurm.wait_for_idle_node(timeout=120)
     slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm.wait_for(job, TERMINAL, timeout=300)
     log = job_log(slurm_workdir, name, job)
