@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+# Minutes of real training on 2 cores: longer than the suite-wide 600 s when the machine is loaded.
+@pytest.mark.timeout(1800)
 def test_cpu_dry_run_runs_every_stage_and_keeps_its_records(tmp_path, monkeypatch):
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)

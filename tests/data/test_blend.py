@@ -153,7 +153,8 @@ def test_held_out_valid_sources_and_data_seed(tmp_path, sp_model, single_process
     assert test is None and len(valid) >= 50
     # Whole sources, no split: every document of the training sources is in the blend.
     assert all(set(d.document_index.tolist()) == set(range(40)) for d in train.datasets)
-    data = DataConfig(root=str(tmp_path), sources=[DataSource(prefixes[0])], cache_dir=str(tmp_path / "c2"))
+    data = DataConfig(root=str(tmp_path), sources=[DataSource(prefixes[0])], cache_dir=str(tmp_path / "c2"),
+                      split="100,0,0")
     kwargs = dict(seq_length=16, tokenizer=load_tokenizer(sp_model), train_samples=200, valid_samples=0,
                   test_samples=0)
     orders = [build_gpt_datasets(data, seed=seed, **kwargs)[0].shuffle_index.tolist() for seed in (7, 7, 8)]

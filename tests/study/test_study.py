@@ -33,6 +33,8 @@ def test_corpus_is_deterministic_and_holds_out_by_path(tmp_path):
 
 
 @pytest.mark.slow
+# Minutes of real training on 2 cores: longer than the suite-wide 600 s when the machine is loaded.
+@pytest.mark.timeout(1800)
 def test_quick_study_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)
