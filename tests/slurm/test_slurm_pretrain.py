@@ -115,9 +115,12 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_w
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{job_log(slurm_workdir, name, job)}"
     stopped_at = latest_iteration(run_dir)
     assert stopped_at is not None and 3 <= stopped_at < ITERATIONS
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now, once the node
-    # has cleaned up after its first run (an earlier start races that clean-up).
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); release it sooner, once the node
+    # has cleaned up after its first run, and not within the second of the requeue: slurmd
+    # revoked the job's credential then, and it refuses ("Job credential revoked") a new
+    # credential for the same job id issued in that same second (whole-second timestamps).
     slurm.wait_for_idle_node(timeout=360)
+    time.sleep(3)
     slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm.wait_for(job, TERMINAL, timeout=900)
     log = job_log(slurm_workdir, name, job)
