@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,7 @@ import yaml
 
 from moepp_megatron.config.loader import from_dict, to_dict
 from moepp_megatron.config.schema import ParallelConfig, RunConfig
+from moepp_megatron.parallel.initialize import free_port
 from moepp_megatron.training.checkpointing import (
     TRACKER,
     Checkpointer,
@@ -89,14 +89,9 @@ def single_process() -> None:
         raise RuntimeError("checkpoint conversion runs in one process; launch it without torchrun")
     else:
         # A private port: MASTER_PORT of the environment may belong to another job.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     initialize_parallel(cpu_mode=True)
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process_parallel() -> ParallelConfig:

@@ -125,8 +125,8 @@ def build_gpt_datasets(
     sources = resolve_sources(data_cfg, config_dir)
     check_sources(sources)
     if data_cfg.valid_sources:
-        train_sources = sources[: len(sources) - len(data_cfg.valid_sources)]
-        splits = dict(blend_per_split=[_blend(train_sources), _blend(_absolute(data_cfg, data_cfg.valid_sources)), None])
+        held_out = len(sources) - len(data_cfg.valid_sources)  # resolve_sources puts them last
+        splits = dict(blend_per_split=[_blend(sources[:held_out]), _blend(sources[held_out:]), None])
     else:
         splits = dict(blend=_blend(sources), split=data_cfg.split)
     config = GPTDatasetConfig(

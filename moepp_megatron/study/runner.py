@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import torch
 
 from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, write_record
 from moepp_megatron.config.loader import load_config
+from moepp_megatron.parallel.initialize import free_port
 from moepp_megatron.study.config import StudyConfig
 from moepp_megatron.study.corpus import Corpus, build_corpus
 
@@ -61,16 +61,11 @@ def plan(study: StudyConfig, config_dir: Path, corpus: Corpus, work_dir: Path) -
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(run: Run, config_path: Path, threads: int) -> subprocess.Popen:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(threads)}
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config_path), *run.overrides]
     log = open(run.run_dir / "train.log", "a")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
