@@ -9,12 +9,16 @@
 # Ranks are static: node NODE_RANK holds global ranks NODE_RANK*NPROC_PER_NODE + (0..N-1),
 # the same on every restart, so a resumed job gets every rank's RNG stream back.
 #
-# Stopping: SIGUSR1 or SIGTERM to the training processes makes every rank finish its step,
-# save a checkpoint and exit 75. Slurm delivers a step's signals to every process in it,
-# torchrun included, and SIGUSR1's default action would kill torchrun and orphan the
-# workers; it is ignored here (an ignored signal stays ignored across exec and fork) and
-# the trainer installs its own handler. SIGTERM to torchrun is forwarded to the workers,
-# which then get TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to save before SIGKILL.
+# Stopping: SIGUSR1, SIGTERM or SIGINT (Ctrl-C) makes every training process finish its
+# step, save a checkpoint and exit; a second Ctrl-C exits at once. Slurm delivers a step's
+# signals to every process in it; a signal sent to this script alone is forwarded to the
+# training processes. torchrun must outlive them to collect their exit codes, so it ignores
+# all three (an ignored signal stays ignored across exec; it handles SIGHUP/SIGQUIT only).
+#
+# Exit status: 0 the run is complete; 75 it stopped early with a checkpoint to resume from
+# (a signal, or training.exit_after_iters): run the same command again; anything else: it
+# failed. The trainer reports its outcome in the file MOEPP_STATUS_FILE names, since
+# torchrun turns a worker's 75 into 1.
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: $0 CONFIG [CONFIG ...] [--config CONFIG ...] [dotted.key=value ...]" >&2
@@ -30,12 +34,34 @@ if [ ${#configs[@]} -eq 0 ] && [[ " $* " != *" --config "* ]]; then
     exit 2
 fi
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+status_file=$(mktemp "${TMPDIR:-/tmp}/moepp-status.XXXXXX")
+trap 'rm -f "$status_file"' EXIT
+export MOEPP_STATUS_FILE=$status_file
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
-trap '' USR1
-exec torchrun \
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+trap '' USR1 TERM INT
+torchrun \
     --nnodes="${NNODES:-1}" \
     --node-rank="${NODE_RANK:-0}" \
     --nproc-per-node="${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 2)}" \
     --master-addr="${MASTER_ADDR:-127.0.0.1}" \
     --master-port="${MASTER_PORT:-29500}" \
-    -m moepp_megatron.training.train ${configs[@]+"${configs[@]}"} "$@"
+    -m moepp_megatron.training.train ${configs[@]+"${configs[@]}"} "$@" &
+launcher=$!
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while :; do
+    rc=0
+    wait "$launcher" || rc=$?
+    # A trapped signal interrupts `wait` (status > 128) while torchrun goes on.
+    if [ "$rc" -gt 128 ] && kill -0 "$launcher" 2>/dev/null; then continue; fi
+    break
+done
+case "$(cat "$status_file" 2>/dev/null)" in
+    complete) exit 0 ;;
+    stopped) exit 75 ;;
+    *) exit $((rc == 0 ? 1 : rc)) ;;
+esac

@@ -244,8 +244,20 @@ class CheckpointConfig:
 
     save_interval: int = 1000
     keep_last: int = 3
-    # Resume from the run directory's latest checkpoint when there is one.
+    # Resume from the run directory's newest checkpoint whose files verify, if any.
     resume: bool = True
+    # Resume from this iteration's checkpoint instead (it must verify).
+    load_iteration: Optional[int] = None
+    # The newest checkpoint fails verification: resume from the one before it with a
+    # warning naming the damaged file (fallback), or stop with that message (stop).
+    on_damaged: Literal["fallback", "stop"] = "fallback"
+    # Resume with the checkpoint's optimizer state (Adam moments) and RNG states; false
+    # starts them fresh (the LR schedule and the data position are always kept).
+    load_optimizer: bool = True
+    load_rng: bool = True
+    # The LR schedule's settings (optim.lr, min_lr, warmup, decay, the run's length) from
+    # this config instead of the checkpoint; the schedule's step count is kept.
+    override_scheduler: bool = False
     # Initialise a new run (iteration 0, fresh optimizer) from these weights.
     init_from: Optional[str] = None
     async_save: bool = False
@@ -253,6 +265,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.save_interval >= 1, "checkpoint.save_interval", "must be >= 1")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _require(self.load_iteration is None or self.load_iteration >= 0,
+                 "checkpoint.load_iteration", "must be >= 0")
 
 
 @dataclass

@@ -111,7 +111,9 @@ def load_state(directory: Path, iteration: int) -> tuple[RunConfig, dict[str, to
     # fp32 parameters: bf16 checkpoints (GPU runs) load into them exactly.
     chunks = build_model(model, _single_process_parallel(), bf16=False)
     loading = to_dict(dataclasses.replace(run, model=model, parallel=_single_process_parallel()))
-    Checkpointer(directory, keep_last=1).load(chunks, None, None, loading, iteration)
+    checkpointer = Checkpointer(directory, keep_last=1)
+    checkpointer.select(iteration)  # its files must verify
+    checkpointer.load(chunks, None, None, loading, iteration)
     state = {k: v for k, v in chunks[0].state_dict().items() if not k.endswith("._extra_state")}
     return run, state
 

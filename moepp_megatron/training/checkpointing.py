@@ -3,10 +3,16 @@
     <dir>/iter_0000100/...                 one checkpoint (any TP/PP/EP layout can load it)
     <dir>/latest_checkpointed_iteration.txt
 
-The tracker file is replaced atomically, and only after every rank has finished writing,
-so a crash during a save leaves ``latest`` on the previous complete checkpoint. A
-checkpoint holds the model, optimizer, LR scheduler, every rank's RNG states, the
-training state (iteration, consumed samples) and the resolved config.
+A save is complete when every rank has written its part and ``checksums.json`` records
+every file (see checkpoint_files.py); only then does the tracker move (replaced atomically,
+everything flushed to disk first), so a crash during a save leaves ``latest`` on the
+previous complete checkpoint. A checkpoint holds the model, optimizer, LR scheduler, every
+rank's RNG states, the training state (iteration, consumed samples) and the resolved config.
+
+Resuming takes the newest checkpoint whose files all verify; the tracker is a hint. A newer
+one that fails verification is skipped with a warning naming the damaged file (or, with
+``checkpoint.on_damaged=stop``, stops the run); a directory with checkpoints none of which
+verifies never starts over silently.
 
 The weights load in any layout. The optimizer state loads where megatron-core 0.16.1 can
 reshard it; elsewhere resuming fails with :class:`OptimizerReshardError` (``init_from``
@@ -15,8 +21,9 @@ loads the weights only).
 
 from __future__ import annotations
 
-import os
+import errno
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +38,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moepp_megatron.training.checkpoint_files import (
+    is_complete,
+    recorded_bytes,
+    verify,
+    write_durably,
+    write_manifest,
+)
 from moepp_megatron.training.signals import stop_signals_deferred
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -46,12 +60,24 @@ class TrainState:
     skipped_nonfinite_steps: int = 0
 
 
-class ConfigMismatchError(ValueError):
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or resumed; the message says why and what to do."""
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
     pass
 
 
-class OptimizerReshardError(RuntimeError):
+class OptimizerReshardError(CheckpointError):
     """The checkpoint's optimizer state cannot be loaded in this run's layout."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    pass
+
+
+class DiskFullError(CheckpointError):
+    pass
 
 
 # Model fields that change how the same weights are computed, not what they are.
@@ -62,16 +88,29 @@ IMPLEMENTATION_CHOICES = {
 }
 
 
+_ITERATION_DIR = re.compile(r"iter_(\d{7})")
+
+
 def iteration_dir(directory: Path, iteration: int) -> Path:
     return directory / f"iter_{iteration:07d}"
+
+
+def saved_iterations(directory: Path) -> list[int]:
+    """Iterations of the ``iter_NNNNNNN`` directories, complete or not, ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _ITERATION_DIR.fullmatch(p.name)))
 
 
 def read_latest_iteration(directory: Path) -> Optional[int]:
     tracker = directory / TRACKER
     if not tracker.is_file():
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
+    try:
+        text = tracker.read_text().strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not text.isdigit():
         raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
     return int(text)
 
@@ -118,63 +157,144 @@ class Checkpointer:
     def latest_iteration(self) -> Optional[int]:
         return read_latest_iteration(self.directory)
 
-    def _state_dict(self, model, optimizer, scheduler, state, config, is_loading):
+    def _state_dict(self, model, optimizer, scheduler, state, config):
         model_sd = model.sharded_state_dict()
         sd = {"model": model_sd, "train_state": asdict(state), "config": config, "layout": _layout()}
         if optimizer is not None:
-            sd["optimizer"] = optimizer.sharded_state_dict(
-                model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA
-            )
+            sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
             sd["scheduler"] = scheduler.state_dict()
             sd["rng_state"] = _rng_sharded_object()
         return sd
 
     def save(self, iteration: int, model, optimizer, scheduler, state: TrainState, config: dict) -> Path:
         target = iteration_dir(self.directory, iteration)
+        previous = self.latest_iteration()
+        try:
+            self._write(target, model, optimizer, scheduler, state, config)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            if not _is_disk_full(e):
+                raise
+            if dist.get_rank() == 0:
+                shutil.rmtree(target, ignore_errors=True)  # the partial save, and its space
+            raise DiskFullError(self._disk_full_message(target, previous)) from e
         if dist.get_rank() == 0:
-            # A leftover of a save that crashed; the tracker never pointed at it.
+            write_durably(self.directory / TRACKER, f"{iteration}\n")
+            self._remove_old(iteration)
+        dist.barrier()
+        return target
+
+    def _write(self, target: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
+        if dist.get_rank() == 0:
+            # A leftover of a save that crashed, or a damaged checkpoint resumed around.
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
         dist.barrier()
-        sd = self._state_dict(model, optimizer, scheduler, state, config, is_loading=False)
+        sd = self._state_dict(model, optimizer, scheduler, state, config)
         with stop_signals_deferred():  # it may start its writer-queue manager process
             dist_checkpointing.save(sd, str(target))
         dist.barrier()
         if dist.get_rank() == 0:
-            (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            self._write_tracker(iteration)
-            self._remove_old()
+            write_durably(target / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         dist.barrier()
-        return target
+        write_manifest(target)
 
-    def _write_tracker(self, iteration: int) -> None:
-        tmp = self.directory / f".{TRACKER}.tmp"
-        tmp.write_text(f"{iteration}\n")
-        with open(tmp) as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / TRACKER)
+    def _disk_full_message(self, target: Path, previous: Optional[int]) -> str:
+        free = shutil.disk_usage(self.directory).free
+        if previous is None:
+            need, kept = "as much as one checkpoint of this run", "no checkpoint has been saved yet"
+        else:
+            last = iteration_dir(self.directory, previous)
+            need = f"about {_gib(recorded_bytes(last))} (the size of {last.name})"
+            kept = f"{last} is still the latest checkpoint and resumes as before"
+        return (
+            f"no space left on the device while saving {target}: {_gib(free)} free in "
+            f"{self.directory}, a checkpoint needs {need}. The partial save was removed; {kept}. "
+            f"Free space (or lower checkpoint.keep_last) and run again."
+        )
 
-    def _remove_old(self) -> None:
-        # Directories after the latest one are leftovers of a failed save (the next save of
-        # that iteration replaces them): they are not among the checkpoints kept.
-        latest = iteration_dir(self.directory, self.latest_iteration())
-        complete = sorted(p for p in self.directory.glob("iter_*") if p.name <= latest.name)
-        for old in complete[: max(0, len(complete) - self.keep_last)]:
+    def _remove_old(self, latest: int) -> None:
+        # Only complete checkpoints count. Directories after the latest one are leftovers
+        # of a failed save (the next save of that iteration replaces them); incomplete ones
+        # before it can never be resumed from.
+        below = [iteration_dir(self.directory, i) for i in saved_iterations(self.directory) if i <= latest]
+        complete = [p for p in below if is_complete(p)]
+        doomed = [p for p in below if not is_complete(p)] + complete[: max(0, len(complete) - self.keep_last)]
+        for old in doomed:
             shutil.rmtree(old, ignore_errors=True)
 
+    def select(self, iteration: Optional[int] = None, strict: bool = False) -> tuple[Optional[int], list[str]]:
+        """Collective: the checkpoint to resume from and warnings about the ones skipped.
+
+        ``iteration`` given: that one, which must verify. Otherwise the newest complete one
+        that verifies (``strict``: the newest complete one, which must verify); None when
+        the directory holds no checkpoint at all.
+        """
+        found = saved_iterations(self.directory)
+        if iteration is not None:
+            self._verify_or_raise(iteration, found)
+            return iteration, []
+        warnings = []
+        try:
+            tracker = self.latest_iteration()
+        except ValueError as e:
+            tracker = None
+            warnings.append(f"WARNING: {e}; resuming from the newest checkpoint that verifies")
+        if not found:
+            if tracker is not None:
+                raise DamagedCheckpointError(
+                    f"{self.directory / TRACKER} names iteration {tracker}, but {self.directory} "
+                    f"holds no iter_NNNNNNN directory; refusing to start the run over. Restore the "
+                    f"checkpoints, or delete the tracker to start from iteration 0."
+                )
+            return None, warnings
+        if tracker is None and not warnings:
+            warnings.append(f"WARNING: no {TRACKER} in {self.directory}; resuming from the newest "
+                            f"checkpoint that verifies")
+        for candidate in reversed(found):
+            path = iteration_dir(self.directory, candidate)
+            if not is_complete(path) and (tracker is None or candidate > tracker):
+                warnings.append(f"skipping {path}: a save that did not finish")
+                continue
+            problems = verify(path)
+            if not problems:
+                if tracker is not None and tracker != candidate:
+                    warnings.append(f"{TRACKER} names iteration {tracker}; resuming from {candidate}")
+                return candidate, warnings
+            message = f"checkpoint {path} fails verification:\n  " + "\n  ".join(problems)
+            if strict:
+                raise DamagedCheckpointError(
+                    f"{message}\nStopping (checkpoint.on_damaged=stop). Resume from an earlier "
+                    f"one with checkpoint.load_iteration=N (found: {_listing(found)}), or set "
+                    f"checkpoint.on_damaged=fallback to take the newest that verifies."
+                )
+            warnings.append(f"WARNING: {message}\n  skipped; trying the checkpoint before it")
+        raise DamagedCheckpointError(
+            "\n".join(warnings) + f"\nno checkpoint in {self.directory} verifies; refusing to start "
+            f"the run over. Restore a checkpoint, or use a new run directory."
+        )
+
+    def _verify_or_raise(self, iteration: int, found: list[int]) -> None:
+        path = iteration_dir(self.directory, iteration)
+        if iteration not in found:
+            raise DamagedCheckpointError(
+                f"checkpoint {path} does not exist (found: {_listing(found) or 'none'})"
+            )
+        problems = verify(path)
+        if problems:
+            raise DamagedCheckpointError(f"checkpoint {path} fails verification:\n  " + "\n  ".join(problems))
+
     def load(
-        self, model, optimizer, scheduler, config: dict, iteration: Optional[int] = None
+        self, model, optimizer, scheduler, config: dict, iteration: int, *,
+        load_optimizer: bool = True, load_rng: bool = True,
     ) -> TrainState:
-        """Restore everything in place; returns the training state to continue from.
+        """Restore in place from a checkpoint :meth:`select` chose; returns the training
+        state to continue from. The LR schedule and the data position always come back;
+        ``load_optimizer=False`` leaves the optimizer's moments fresh, ``load_rng=False`` the
+        RNG streams as seeded.
 
         ``optimizer=None`` loads the weights only (a new run initialised from a checkpoint).
         """
-        iteration = self.latest_iteration() if iteration is None else iteration
-        if iteration is None:
-            raise FileNotFoundError(f"no {TRACKER} in {self.directory}")
         source = iteration_dir(self.directory, iteration)
-        if not source.is_dir():
-            raise FileNotFoundError(f"checkpoint {source} does not exist")
         saved = dist_checkpointing.load_common_state_dict(str(source))
         check_model_config(saved.get("config", {}), config, source)
         # Weights first, on their own: they reshard to any layout; the optimizer may not.
@@ -182,25 +302,41 @@ class Checkpointer:
         model.load_state_dict(loaded["model"])
         if optimizer is None:
             return TrainState()
-        loaded = self._load_optimizer(source, saved, model, optimizer, scheduler, config)
-        scheduler.load_state_dict(loaded["scheduler"])
+        loaded = self._load_training_state(
+            source, saved, model, optimizer, config, load_optimizer, load_rng
+        )
+        scheduler.load_state_dict(saved["scheduler"])
         if "rng_state" in loaded:
             _set_rng_state(loaded["rng_state"])
-        return TrainState(**loaded["train_state"])
+        return TrainState(**saved["train_state"])
 
-    def _load_optimizer(self, source: Path, saved: dict, model, optimizer, scheduler, config: dict) -> dict:
-        _allocate_distributed_optimizer_states(optimizer)
-        sd = self._state_dict(model, optimizer, scheduler, TrainState(), config, is_loading=True)
-        del sd["model"]
-        if saved.get("layout") != _layout():
-            # RNG streams belong to ranks of the saving layout; a new layout reseeds.
-            sd.pop("rng_state")
+    def saved_config(self, iteration: int) -> dict:
+        """The resolved config the checkpoint was saved with."""
+        return yaml.safe_load((iteration_dir(self.directory, iteration) / "config.yaml").read_text())
+
+    def _load_training_state(
+        self, source: Path, saved: dict, model, optimizer, config: dict,
+        load_optimizer: bool, load_rng: bool,
+    ) -> dict:
+        """The sharded parts of the training state: optimizer and RNG states, as asked."""
         error = None
         try:
-            loaded = dist_checkpointing.load(sd, str(source))
-            _restore_adam_steps(loaded["optimizer"])
-            with torch.no_grad():  # the distributed optimizer copies into views of the params
-                optimizer.load_state_dict(loaded["optimizer"])
+            # Inside the try: building the loading state dict already fails (KeyError) for
+            # some layout changes with the distributed optimizer.
+            sharded = {}
+            if load_optimizer:
+                _allocate_distributed_optimizer_states(optimizer)
+                sharded["optimizer"] = optimizer.sharded_state_dict(
+                    model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA
+                )
+            # RNG streams belong to ranks of the saving layout; a new layout reseeds.
+            if load_rng and saved.get("layout") == _layout():
+                sharded["rng_state"] = _rng_sharded_object()
+            loaded = dist_checkpointing.load(sharded, str(source)) if sharded else {}
+            if load_optimizer:
+                _restore_adam_steps(loaded["optimizer"])
+                with torch.no_grad():  # the distributed optimizer copies into views of the params
+                    optimizer.load_state_dict(loaded["optimizer"])
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             error = e
         # Every rank raises (a rank that fails alone would leave the others in a collective).
@@ -208,14 +344,15 @@ class Checkpointer:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if not failed.item():
             return loaded
-        reason = _optimizer_layout_change(saved, config)
+        reason = _optimizer_layout_change(saved, config) if load_optimizer else None
         if reason is not None:
             rule = _RESHARD_RULES[bool(config["optim"]["use_distributed_optimizer"])]
             raise OptimizerReshardError(
                 f"cannot resume from {source}: {reason}; in megatron-core 0.16.1 {rule}. Resume "
-                f"with the saving layout, or start a new run from these weights with "
-                f"checkpoint.init_from={self.directory} (weights only: fresh optimizer and LR "
-                f"schedule, iteration 0)."
+                f"with the saving layout; or resume without the optimizer state "
+                f"(checkpoint.load_optimizer=false: fresh Adam moments, the LR schedule and data "
+                f"position kept); or start a new run from these weights with "
+                f"checkpoint.init_from={self.directory} (weights only: iteration 0)."
             ) from error
         if error is not None:
             raise error
@@ -250,6 +387,23 @@ def _optimizer_layout_change(saved: dict, config: dict) -> Optional[str]:
             f"this run has {_describe_layout(_layout())}"
         )
     return None
+
+
+def _listing(iterations: list[int]) -> str:
+    return ", ".join(str(i) for i in iterations)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # dist_checkpointing reports a writer's OSError inside a CheckpointException's text.
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _device() -> torch.device:

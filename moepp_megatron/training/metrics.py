@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +13,45 @@ from moepp_megatron.config.schema import LoggingConfig
 
 
 class MetricsLogger:
+    """Prints from construction on; writes metrics once :meth:`open` has been given the
+    iteration the run starts from."""
+
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_config: dict, enabled: bool) -> None:
+        self.cfg, self.run_dir, self.run_config = cfg, run_dir, run_config
         self.enabled = enabled
         self.jsonl = None
         self.tensorboard = None
         self.wandb_run = None
-        if not enabled:
+
+    def open(self, start_iteration: int) -> None:
+        """Start writing. A resumed run first drops the records after its checkpoint (the
+        iterations a crash rolled back), so every iteration appears once: its last run's."""
+        if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        _drop_records_after(path, start_iteration)
+        self.jsonl = open(path, "a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step hides the events of the rolled-back iterations from readers.
+            self.tensorboard = SummaryWriter(
+                log_dir=str(self.run_dir / "tensorboard"), purge_step=start_iteration + 1
+            )
         if cfg.wandb and cfg.wandb_mode != "disabled":
             try:
                 import wandb
             except ImportError as e:
                 raise ImportError("logging.wandb needs the wandb package: pip install wandb") from e
             self.wandb_run = wandb.init(
-                project=cfg.wandb_project, dir=str(run_dir), mode=cfg.wandb_mode,
-                config=run_config, name=run_dir.name, resume="allow",
+                project=cfg.wandb_project, dir=str(self.run_dir), mode=cfg.wandb_mode,
+                config=self.run_config, name=self.run_dir.name, resume="allow",
             )
 
     def log(self, iteration: int, metrics: dict[str, Any], prefix: str = "train") -> None:
-        if not self.enabled:
+        if self.jsonl is None:
             return
         record = {"iteration": iteration, **metrics} if prefix == "train" else {
             "iteration": iteration, prefix: metrics
@@ -62,6 +77,24 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _iteration_of(line) <= iteration]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _iteration_of(line: str) -> float:
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut by a crash: dropped with the rolled-back ones
 
 
 def _json_safe(value):

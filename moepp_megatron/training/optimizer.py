@@ -10,7 +10,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from moepp_megatron.config.schema import OptimConfig
 
 
-def build_optimizer(model_chunks, optim: OptimConfig, *, bf16: bool, train_iters: int):
+def build_optimizer(
+    model_chunks, optim: OptimConfig, *, bf16: bool, train_iters: int, override_scheduler: bool = False
+):
+    """``override_scheduler``: a resumed run takes the schedule's settings from ``optim``
+    instead of the checkpoint (megatron's override_opt_param_scheduler)."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -42,5 +46,6 @@ def build_optimizer(model_chunks, optim: OptimConfig, *, bf16: bool, train_iters
         end_wd=optim.weight_decay,
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
+        override_opt_param_scheduler=override_scheduler,
     )
     return optimizer, scheduler

@@ -1,7 +1,12 @@
-"""The stop signals (SIGTERM / SIGUSR1: preemption, out of time) and keeping them away from
-helper processes.
+"""The stop signals (SIGTERM / SIGUSR1: preemption, out of time; SIGINT: Ctrl-C), recorded
+from the first line of a rank's main, and kept away from helper processes.
 
-Slurm signals every process of a job step, helpers included (both signals end a process
+A stop signal is only recorded: the trainer acts on it between steps (every rank finishes
+its step, saves, exits 75), or right after restoring when it arrived during start-up
+(imports, process groups, model build, checkpoint load: minutes at scale). A second SIGINT
+while a stop is pending ends the process at once, without a checkpoint.
+
+Slurm signals every process of a job step, helpers included (each signal ends a process
 that has no handler). A DataLoader worker ended that way fails the step in flight, and
 dist_checkpointing's writer-queue manager the checkpoint the trainer then saves. Helpers are
 started inside :func:`stop_signals_deferred`: the blocked-signal mask is inherited through
@@ -11,11 +16,36 @@ in the meantime as soon as the block ends.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
+from typing import Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequest:
+    """The first stop signal this process received (its name), or None."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            print("second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        self.signal = self.signal or signal.Signals(signum).name
+
+
+# One per process: installed first thing by the entry point, read by the trainer.
+stop_request = StopRequest()
 
 
 @contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -34,18 +33,29 @@ from moepp_megatron.moepp.statistics import (
     routing_statistics_group,
 )
 from moepp_megatron.parallel.initialize import initialize_parallel
-from moepp_megatron.training.checkpointing import Checkpointer, TrainState
+from moepp_megatron.training.checkpointing import (
+    CheckpointError,
+    Checkpointer,
+    TrainState,
+    saved_iterations,
+)
 from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
 from moepp_megatron.training.metrics import MetricsLogger
 from moepp_megatron.training.optimizer import build_optimizer
-from moepp_megatron.training.signals import STOP_SIGNALS
+from moepp_megatron.training.resume import resume_report
+from moepp_megatron.training.run_dir import RunDirLock, RunDirLockedError, write_outcome
+from moepp_megatron.training.signals import stop_request
 
 # Preempted or out of time (SIGTERM / SIGUSR1): checkpoint saved, run again to resume.
 EXIT_PREEMPTED = 75
 
 
 class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteWeightsError(RuntimeError):
     pass
 
 
@@ -126,8 +136,10 @@ class Trainer:
             tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
             virtual_pipeline_parallel=p.virtual_pipeline, seed=config.seed, cpu_mode=p.cpu_mode,
         )
+        stop_request.install()  # the entry point did already; a trainer built by a test may not
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
         self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
+        self.lock = _lock_run_dir(self.run_dir, self.metrics)
         self.geometry = batch_geometry(config, parallel_state.get_data_parallel_world_size())
         self.bf16 = config.bf16
 
@@ -147,10 +159,16 @@ class Trainer:
             for chunk in self.chunks
         ]
         self.optimizer, self.scheduler = build_optimizer(
-            self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters
+            self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters,
+            override_scheduler=config.checkpoint.override_scheduler,
         )
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
         self.state = self._restore()
+        self.metrics.open(self.state.iteration)
+        self._nonfinite_in_a_row = 0
+        if self.complete:
+            self.train_iterator = None  # nothing to train: no data to read (it may be used up)
+            return
 
         g = self.geometry
         self.train_data, self.valid_data = build_gpt_datasets(
@@ -160,21 +178,39 @@ class Trainer:
             test_samples=0, seed=config.seed if config.data.seed is None else config.data.seed,
         )[:2]
         self.train_iterator = self._batches(self.train_data, self.state.consumed_samples)
-        self._stop_signal = None
-        self._nonfinite_in_a_row = 0
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
+
+    @property
+    def complete(self) -> bool:
+        return self.state.iteration >= self.geometry.train_iters
 
     def _restore(self) -> TrainState:
         ckpt = self.config.checkpoint
-        if ckpt.resume and self.checkpointer.latest_iteration() is not None:
-            state = self.checkpointer.load(
-                self.chunks, self.optimizer, self.scheduler, self.resolved_config
+        if ckpt.resume:
+            iteration, warnings = self.checkpointer.select(ckpt.load_iteration, strict=ckpt.on_damaged == "stop")
+            for warning in warnings:
+                self.metrics.print(warning)
+            if iteration is not None:
+                state = self.checkpointer.load(
+                    self.chunks, self.optimizer, self.scheduler, self.resolved_config, iteration,
+                    load_optimizer=ckpt.load_optimizer, load_rng=ckpt.load_rng,
+                )
+                self.metrics.print(
+                    f"resumed from {self.checkpointer.directory} at iteration {state.iteration}\n"
+                    + resume_report(self.checkpointer.saved_config(iteration), self.resolved_config,
+                                    ckpt, state.consumed_samples)
+                )
+                return state
+        elif saved_iterations(self.checkpointer.directory):
+            self.metrics.print(
+                f"WARNING: checkpoint.resume=false: starting at iteration 0; this run's saves "
+                f"replace the checkpoints in {self.checkpointer.directory}"
             )
-            self.metrics.print(f"resumed from {self.checkpointer.directory} at iteration {state.iteration}")
-            return state
         if ckpt.init_from:
-            Checkpointer(ckpt.init_from, keep_last=1).load(self.chunks, None, None, self.resolved_config)
+            source = Checkpointer(ckpt.init_from, keep_last=1)
+            iteration, _ = source.select(strict=True)
+            if iteration is None:
+                raise CheckpointError(f"checkpoint.init_from={ckpt.init_from}: no checkpoint there")
+            source.load(self.chunks, None, None, self.resolved_config, iteration)
             self.metrics.print(f"initialised weights from {ckpt.init_from} (new run, iteration 0)")
         return TrainState()
 
@@ -193,12 +229,10 @@ class Trainer:
         ]
         return iterators if len(iterators) > 1 else iterators[0]
 
-    def _on_signal(self, signum, frame) -> None:
-        # Only record it: the current step finishes, then every rank stops together.
-        self._stop_signal = signal.Signals(signum).name
-
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self._device)
+        """Collective: whether any rank received a stop signal (each rank then finishes
+        the same step, and all stop together)."""
+        flag = torch.tensor([1.0 if stop_request.signal else 0.0], device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -328,55 +362,107 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self._check_weights_finite()
         path = self.checkpointer.save(
             self.state.iteration, self.chunks, self.optimizer, self.scheduler, self.state,
             self.resolved_config,
         )
         self.metrics.print(f"saved checkpoint {path}")
 
+    def _check_weights_finite(self) -> None:
+        # Skipped steps never update the weights, so non-finite weights mean damage that
+        # got past verification: never let them replace the last good checkpoint.
+        bad = torch.zeros(1, device=self._device)
+        for param in self.chunks.parameters():
+            if not torch.isfinite(param).all():
+                bad += 1
+        dist.all_reduce(bad)
+        if bad.item():
+            latest = self.checkpointer.latest_iteration()
+            raise NonFiniteWeightsError(
+                f"iteration {self.state.iteration}: {int(bad.item())} weight tensor(s) hold NaN/Inf; "
+                f"not saving over the last good checkpoint (iteration {latest} in "
+                f"{self.checkpointer.directory})"
+            )
+
     def run(self) -> int:
-        """Train to the end (exit code 0) or until a stop signal (EXIT_PREEMPTED)."""
+        """Train to the end (exit code 0) or until a stop signal (EXIT_PREEMPTED), and tell
+        the launching script how it ended (``complete``, or ``stopped`` with a checkpoint)."""
+        try:
+            code = self._train()
+            write_outcome("complete" if self.complete else "stopped")
+            return code
+        finally:
+            _close(self.train_iterator)
+            self.metrics.close()
+            self.lock.release()
+
+    def _train(self) -> int:
         cfg, g = self.config, self.geometry
+        if self.complete:
+            self.metrics.print(f"the run is complete: iteration {self.state.iteration} of "
+                               f"{g.train_iters} (checkpoints in {self.checkpointer.directory}); nothing to do")
+            return 0
+        if self._stop_requested():
+            self.metrics.print(f"{stop_request.signal} arrived during start-up: stopping at iteration "
+                               f"{self.state.iteration} before training")
+            return EXIT_PREEMPTED
         self.metrics.print(f"training {g.train_iters} iterations from {self.state.iteration}: "
                            f"{g.global_batch_size} x {g.seq_length} tokens per step, "
                            f"{g.num_microbatches} micro-batches of {g.micro_batch_size} per rank")
         last_saved, since_log, job_start = self.state.iteration, 0, self.state.iteration
-        try:
-            while self.state.iteration < g.train_iters:
-                result = self.train_step()
-                since_log += 1
-                it = self.state.iteration
-                if it % cfg.logging.interval == 0 or it == g.train_iters:
-                    record = {**result, "consumed_tokens": self.state.consumed_samples * g.seq_length,
-                              **self._moe_metrics(since_log)}
-                    self.metrics.log(it, record)
-                    self.metrics.print(_summary_line(it, record))
-                    since_log = 0
-                if it % cfg.training.eval_interval == 0 or it == g.train_iters:
-                    valid = self.evaluate()
-                    self.metrics.log(it, valid, prefix="valid")
-                    self.metrics.print(f"iteration {it}: validation " + ", ".join(
-                        f"{name.replace('_', ' ')} {value:.4f}" for name, value in valid.items()))
-                if it % cfg.checkpoint.save_interval == 0:
-                    self.save()
-                    last_saved = it
-                stop = self._stop_requested()
-                budget = cfg.training.exit_after_iters
-                if stop or (budget is not None and it - job_start >= budget):
-                    if last_saved != it:
-                        self.save()
-                    self.metrics.print(f"stopping at iteration {it}" + (f" ({self._stop_signal})" if stop else ""))
-                    return EXIT_PREEMPTED if stop else 0
-            if last_saved != self.state.iteration:
+        while self.state.iteration < g.train_iters:
+            result = self.train_step()
+            since_log += 1
+            it = self.state.iteration
+            if it % cfg.logging.interval == 0 or it == g.train_iters:
+                record = {**result, "consumed_tokens": self.state.consumed_samples * g.seq_length,
+                          **self._moe_metrics(since_log)}
+                self.metrics.log(it, record)
+                self.metrics.print(_summary_line(it, record))
+                since_log = 0
+            if it % cfg.training.eval_interval == 0 or it == g.train_iters:
+                valid = self.evaluate()
+                self.metrics.log(it, valid, prefix="valid")
+                self.metrics.print(f"iteration {it}: validation " + ", ".join(
+                    f"{name.replace('_', ' ')} {value:.4f}" for name, value in valid.items()))
+            if it % cfg.checkpoint.save_interval == 0:
                 self.save()
-            return 0
-        finally:
-            _close(self.train_iterator)
-            self.metrics.close()
+                last_saved = it
+            stop = self._stop_requested()
+            budget = cfg.training.exit_after_iters
+            if stop or (budget is not None and it - job_start >= budget):
+                if last_saved != it:
+                    self.save()
+                self.metrics.print(f"stopping at iteration {it}" + (f" ({stop_request.signal})" if stop else ""))
+                return EXIT_PREEMPTED if stop else 0
+        if last_saved != self.state.iteration:
+            self.save()
+        return 0
+
+
+def _lock_run_dir(run_dir: Path, metrics: MetricsLogger) -> RunDirLock:
+    """The first rank takes the run directory's lock; every rank raises if it could not."""
+    lock = RunDirLock(run_dir)
+    outcome = [None, None]  # (warning, error)
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = lock.acquire()
+        except RuntimeError as e:
+            outcome[1] = str(e)
+    dist.broadcast_object_list(outcome, src=0)
+    warning, error = outcome
+    if error is not None:
+        raise RunDirLockedError(error)
+    if warning is not None:
+        metrics.print(warning)
+    return lock
 
 
 def _close(batches) -> None:
     """Stop the DataLoader workers of an iterator, or of the iterators of the model chunks."""
+    if batches is None:
+        return
     for iterator in batches if isinstance(batches, list) else [batches]:
         iterator.close()
 

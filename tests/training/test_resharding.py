@@ -99,7 +99,7 @@ def _load_in_layouts(configs: dict[str, str], layouts: dict[str, list[str]], exp
                 trainer = Trainer(load_config(config, [*overrides, "checkpoint.resume=false"]))
                 try:
                     trainer.state = trainer.checkpointer.load(
-                        trainer.chunks, trainer.optimizer, trainer.scheduler, trainer.resolved_config
+                        trainer.chunks, trainer.optimizer, trainer.scheduler, trainer.resolved_config, 3
                     )
                     errors[name] = None
                 except OptimizerReshardError as e:
