@@ -15,6 +15,7 @@ more than one source.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,16 @@ import torch
 import yaml
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import _IndexReader
 
 from moepp_megatron.config.loader import from_dict
 from moepp_megatron.config.schema import DataConfig, DataSource
+from moepp_megatron.files import sha256_of, write_durably
 
-__all__ = ["Mixture", "build_gpt_datasets", "check_sources", "resolve_sources"]
+__all__ = ["DataFileError", "Mixture", "build_gpt_datasets", "check_sources", "resolve_sources"]
+
+# In data.cache_dir: the SHA-256 of every index file megatron cached there.
+CACHE_CHECKSUMS = "checksums.json"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,8 +88,14 @@ def _blend(sources: list[DataSource]) -> tuple[list[str], list[float] | None]:
     return [s.prefix for s in sources], [s.weight / total for s in sources] if len(sources) > 1 else None
 
 
+class DataFileError(ValueError):
+    """A data file is damaged; the message names it."""
+
+
 def check_sources(sources: list[DataSource]) -> None:
-    """Raise ``FileNotFoundError`` listing every prefix whose ``.bin`` or ``.idx`` is missing."""
+    """Raise ``FileNotFoundError`` listing every prefix whose ``.bin`` or ``.idx`` is missing,
+    then :class:`DataFileError` for every ``.idx`` that does not read and every ``.bin`` whose
+    size is not the one its index describes (truncated, or from another run)."""
     missing = []
     for source in sources:
         absent = [s for s in (".bin", ".idx") if not os.path.isfile(source.prefix + s)]
@@ -94,6 +106,67 @@ def check_sources(sources: list[DataSource]) -> None:
             f"{len(missing)} of {len(sources)} data source(s) missing; run moepp-preprocess "
             "for each (see configs/data/):\n" + "\n".join(missing)
         )
+    damaged = [problem for source in sources if (problem := _index_problem(source.prefix))]
+    if damaged:
+        raise DataFileError(
+            f"{len(damaged)} of {len(sources)} data source(s) damaged; run moepp-preprocess "
+            "for each again:\n" + "\n".join(f"  {p}" for p in damaged)
+        )
+
+
+def _index_problem(prefix: str) -> str | None:
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    try:
+        index = _IndexReader(idx, multimodal=False)
+    except Exception as e:  # megatron asserts on the header, numpy fails on a short file
+        return f"{idx} is not a readable megatron index ({type(e).__name__}: {e})"
+    count = len(index)
+    described = (
+        int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if count else 0
+    )
+    size = os.path.getsize(bin_path)
+    if size != described:
+        return f"{bin_path} has {size} bytes; its index {idx} describes {described}"
+    return None
+
+
+def verify_index_cache(cache_dir: str | None) -> list[str]:
+    """The sample / shuffle / document index files megatron caches are derived data: one that
+    no longer matches the checksum recorded after it was built is deleted, so megatron builds
+    it again. Call on the rank that builds them, before building; returns what was deleted."""
+    recorded = _recorded_cache(cache_dir)
+    deleted = [name for name, checksum in recorded.items()
+               if (Path(cache_dir) / name).is_file() and sha256_of(Path(cache_dir) / name) != checksum]
+    for name in deleted:
+        (Path(cache_dir) / name).unlink()
+        del recorded[name]
+    if deleted:
+        _write_cache_record(cache_dir, recorded)
+    return [str(Path(cache_dir) / name) for name in deleted]
+
+
+def record_index_cache(cache_dir: str | None) -> None:
+    """Record the checksum of every cached index file not recorded yet (megatron just built it)."""
+    if not cache_dir or not Path(cache_dir).is_dir():
+        return
+    recorded = _recorded_cache(cache_dir)
+    new = {p.name: sha256_of(p) for p in sorted(Path(cache_dir).glob("*.npy")) if p.name not in recorded}
+    if new:
+        _write_cache_record(cache_dir, {**recorded, **new})
+
+
+def _recorded_cache(cache_dir: str | None) -> dict:
+    path = Path(cache_dir or "") / CACHE_CHECKSUMS
+    if not cache_dir or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # a crash while writing it: every file is hashed again
+        return {}
+
+
+def _write_cache_record(cache_dir: str, recorded: dict) -> None:
+    write_durably(Path(cache_dir) / CACHE_CHECKSUMS, json.dumps(dict(sorted(recorded.items())), indent=1))
 
 
 def build_gpt_datasets(
@@ -140,7 +213,15 @@ def build_gpt_datasets(
         eod_mask_loss=data_cfg.eod_mask_loss,
     )
     sizes = [train_samples, valid_samples, test_samples]
+    first = torch.distributed.get_rank() == 0
+    if first:
+        for path in verify_index_cache(config.path_to_cache):
+            print(f"WARNING: {path} does not match its recorded checksum: deleted, megatron builds it again",
+                  flush=True)
+    torch.distributed.barrier()
     train, valid, test = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, is_built_on_rank, config
     ).build()
+    if first:
+        record_index_cache(config.path_to_cache)
     return train, valid, test

@@ -1,4 +1,4 @@
-"""What makes a checkpoint directory trustworthy, and writes that survive a power cut.
+"""What makes a checkpoint directory trustworthy.
 
 Every file of a checkpoint is recorded with its size and SHA-256 in ``checksums.json`` once
 every rank has finished writing; the manifest is written last (before the tracker moves),
@@ -9,52 +9,24 @@ later.
 
 The hashing is spread over the ranks (each takes every world_size-th file), so saving or
 verifying costs one extra read of the checkpoint divided by the number of ranks; each rank
-fsyncs the files it hashes on save.
+flushes the files it hashes on save to disk.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
+from moepp_megatron.files import sha256_of, write_durably
+
 MANIFEST = "checksums.json"
-_CHUNK = 8 << 20
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's content (a directory: the names in it) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: written to a temporary file, flushed,
-    renamed over the target, and the rename flushed too (the parent directory)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _digest(path: Path, sync: bool) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            sha.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path, sync=sync)}
 
 
 def _files(directory: Path) -> list[str]:
@@ -62,6 +34,20 @@ def _files(directory: Path) -> list[str]:
         str(p.relative_to(directory)) for p in directory.rglob("*")
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
     )
+
+
+def on_first_rank(action) -> None:
+    """Collective: ``action()`` on rank 0 (a write to the shared directory); if it raises an
+    OSError, every rank raises it (a rank failing alone would leave the others waiting)."""
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as e:
+            error[0] = e
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
 
 
 def _my_share(names: list[str]) -> list[str]:
@@ -84,9 +70,8 @@ def write_manifest(directory: Path) -> None:
     entries = {}
     for part in _gather(mine):
         entries.update(part)
-    if dist.get_rank() == 0:
-        write_durably(directory / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
-    dist.barrier()
+    manifest = json.dumps({"files": dict(sorted(entries.items()))}, indent=1)
+    on_first_rank(lambda: write_durably(directory / MANIFEST, manifest))
 
 
 def is_complete(directory: Path) -> bool:

@@ -38,11 +38,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moepp_megatron.files import write_durably
 from moepp_megatron.training.checkpoint_files import (
     is_complete,
+    on_first_rank,
     recorded_bytes,
     verify,
-    write_durably,
     write_manifest,
 )
 from moepp_megatron.training.signals import stop_signals_deferred
@@ -171,32 +172,43 @@ class Checkpointer:
         previous = self.latest_iteration()
         try:
             self._write(target, model, optimizer, scheduler, state, config)
+            on_first_rank(lambda: self._publish(iteration))
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-            if not _is_disk_full(e):
+            # Every rank is here: dist_checkpointing raises on all of them, on_first_rank too.
+            if not self._out_of_space(e, previous):
                 raise
             if dist.get_rank() == 0:
                 shutil.rmtree(target, ignore_errors=True)  # the partial save, and its space
             raise DiskFullError(self._disk_full_message(target, previous)) from e
-        if dist.get_rank() == 0:
-            write_durably(self.directory / TRACKER, f"{iteration}\n")
-            self._remove_old(iteration)
-        dist.barrier()
         return target
 
     def _write(self, target: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
-        if dist.get_rank() == 0:
+        def fresh_directory():
             # A leftover of a save that crashed, or a damaged checkpoint resumed around.
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
-        dist.barrier()
+
+        on_first_rank(fresh_directory)
         sd = self._state_dict(model, optimizer, scheduler, state, config)
         with stop_signals_deferred():  # it may start its writer-queue manager process
             dist_checkpointing.save(sd, str(target))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            write_durably(target / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        dist.barrier()
+        on_first_rank(lambda: write_durably(target / "config.yaml", yaml.safe_dump(config, sort_keys=False)))
         write_manifest(target)
+
+    def _publish(self, iteration: int) -> None:
+        write_durably(self.directory / TRACKER, f"{iteration}\n")
+        self._remove_old(iteration)
+
+    def _out_of_space(self, error: BaseException, previous: Optional[int]) -> bool:
+        """Collective: whether a failed save ran out of space. Only rank 0 sees the writers'
+        errors (the others' CheckpointException is empty), and a full disk does not always
+        say ENOSPC (torch's zip writer: "unexpected pos"), so the free space decides too:
+        less than the last checkpoint took."""
+        need = recorded_bytes(iteration_dir(self.directory, previous)) if previous is not None else 0
+        full = _is_disk_full(error) or shutil.disk_usage(self.directory).free < max(need, 2**20)
+        flag = torch.tensor([1.0 if full else 0.0], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _disk_full_message(self, target: Path, previous: Optional[int]) -> str:
         free = shutil.disk_usage(self.directory).free
@@ -204,10 +216,10 @@ class Checkpointer:
             need, kept = "as much as one checkpoint of this run", "no checkpoint has been saved yet"
         else:
             last = iteration_dir(self.directory, previous)
-            need = f"about {_gib(recorded_bytes(last))} (the size of {last.name})"
+            need = f"about {_size(recorded_bytes(last))} (the size of {last.name})"
             kept = f"{last} is still the latest checkpoint and resumes as before"
         return (
-            f"no space left on the device while saving {target}: {_gib(free)} free in "
+            f"no space left on the device while saving {target}: {_size(free)} free in "
             f"{self.directory}, a checkpoint needs {need}. The partial save was removed; {kept}. "
             f"Free space (or lower checkpoint.keep_last) and run again."
         )
@@ -393,8 +405,8 @@ def _listing(iterations: list[int]) -> str:
     return ", ".join(str(i) for i in iterations)
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _is_disk_full(error: BaseException) -> bool:

@@ -47,5 +47,6 @@ def build_optimizer(
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
         override_opt_param_scheduler=override_scheduler,
+        use_checkpoint_opt_param_scheduler=not override_scheduler,
     )
     return optimizer, scheduler

@@ -16,8 +16,9 @@ SCHEDULE_KEYS = (
 # Settings that decide which samples come next: the resumed run continues at the saved
 # sample position of the new order, so nothing is replayed or skipped on purpose.
 DATA_ORDER_KEYS = ("seed", "data", "training.global_batch_tokens")
-# Where the run is, not what it trains: never a change worth reporting.
-IGNORED = ("run_dir", "model", "checkpoint.load_iteration", "checkpoint.on_damaged")
+# Where the run is and how it resumes, not what it trains (model changes are refused
+# before this: checkpointing.check_model_config).
+IGNORED = ("run_dir", "model", "checkpoint")
 
 
 def changed_settings(saved: dict, current: dict) -> dict[str, tuple]:

@@ -38,10 +38,19 @@ class StopRequest:
 
     def _record(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal is not None:
-            print("second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            _say("second interrupt: exiting now, without a checkpoint")
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
-        self.signal = self.signal or signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            again = " (Ctrl-C again: exit at once, without one)" if signum == signal.SIGINT else ""
+            _say(f"{self.signal} received: stopping after this step with a checkpoint{again}")
+
+
+def _say(message: str) -> None:
+    # os.write: print() from a signal handler can re-enter a write in progress.
+    if os.environ.get("RANK", "0") == "0":
+        os.write(sys.stderr.fileno(), f"{message}\n".encode())
 
 
 # One per process: installed first thing by the entry point, read by the trainer.

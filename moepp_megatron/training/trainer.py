@@ -120,6 +120,7 @@ def use_deterministic_kernels() -> None:
 
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
+        stop_request.install()  # the entry point did already; a trainer built by a test may not
         self.run_dir = Path(config.run_dir)
         # Fail on missing data before any process group or accelerator is touched.
         check_sources(resolve_sources(config.data))
@@ -136,7 +137,6 @@ class Trainer:
             tensor_parallel=p.tensor, pipeline_parallel=p.pipeline, expert_parallel=p.expert,
             virtual_pipeline_parallel=p.virtual_pipeline, seed=config.seed, cpu_mode=p.cpu_mode,
         )
-        stop_request.install()  # the entry point did already; a trainer built by a test may not
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
         self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
         self.lock = _lock_run_dir(self.run_dir, self.metrics)

@@ -174,7 +174,7 @@ def _resave_with_pipeline_parallel(source: str, target: str) -> None:
     run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, pipeline=2, expert=1))
     chunks = build_model(run.model, run.parallel)
     config = to_dict(run)
-    Checkpointer(source, keep_last=1).load(chunks, None, None, config)
+    Checkpointer(source, keep_last=1).load(chunks, None, None, config, iteration)
     Checkpointer(target, keep_last=1).save(iteration, chunks, None, None, TrainState(iteration=iteration), config)
 
 

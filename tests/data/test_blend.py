@@ -10,7 +10,7 @@ import pytest
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
 from moepp_megatron.config.schema import DataConfig, DataSource
-from moepp_megatron.data.blend import build_gpt_datasets, check_sources, resolve_sources
+from moepp_megatron.data.blend import DataFileError, build_gpt_datasets, check_sources, resolve_sources
 from moepp_megatron.data.preprocess import preprocess
 from moepp_megatron.data.tokenizer import load_tokenizer
 from tests.data.corpora import write_texts
@@ -77,7 +77,6 @@ def test_check_sources_lists_every_missing_prefix(tmp_path):
     assert f"{tmp_path / 'half'} (no .idx)" in message
     assert f"{tmp_path / 'gone2'} (no .bin or .idx)" in message
     assert f"{tmp_path / 'ok'} " not in message
-    check_sources(sources[:1])
 
 
 # Three sources written in disjoint alphabets, so a sample shows which source it came from.
@@ -204,3 +203,37 @@ def test_every_rank_builds_the_same_blend(tmp_path, sp_model):
     assert np.array_equal(rank0[0], rank1[0])
     assert all(a.equal(b) for a, b in zip(rank0[1], rank1[1]))
     assert rank0[2] == rank1[2] > 0
+
+
+def test_damaged_data_files_are_named_before_training(tmp_path, sp_model):
+    prefixes = [str(tmp_path / p) for p in _write_sources(tmp_path, sp_model)]
+    sources = [DataSource(p) for p in prefixes]
+    check_sources(sources)
+    bin_path = Path(prefixes[0] + ".bin")
+    size = bin_path.stat().st_size
+    with open(bin_path, "r+b") as f:
+        f.truncate(size - 10)
+    Path(prefixes[2] + ".idx").write_bytes(b"\xff" * 64)
+    with pytest.raises(DataFileError) as error:
+        check_sources(sources)
+    message = str(error.value)
+    assert message.startswith("2 of 3 data source(s) damaged; run moepp-preprocess")
+    assert f"{bin_path} has {size - 10} bytes; its index {prefixes[0]}.idx describes {size}" in message
+    assert f"{prefixes[2]}.idx is not a readable megatron index" in message
+
+
+def test_damaged_index_cache_is_rebuilt(tmp_path, sp_model, single_process, capsys):
+    """megatron's cached sample / shuffle indices with overwritten bytes (same size) would give
+    wrong samples or 'offset must be non-negative' at read time: their checksums catch it,
+    and megatron builds them again."""
+    sources = [DataSource(p) for p in _write_sources(tmp_path, sp_model)[:1]]
+    first = _build(tmp_path, sp_model, sources)[0]
+    samples = [first[i]["tokens"].tolist() for i in range(0, 2000, 97)]
+    cached = sorted((tmp_path / "cache").glob("*sample_index.npy"))[0]
+    with open(cached, "r+b") as f:
+        f.seek(cached.stat().st_size - 64)
+        f.write(b"\xff" * 64)
+    capsys.readouterr()
+    again = _build(tmp_path, sp_model, sources)[0]
+    assert f"WARNING: {cached} does not match its recorded checksum" in capsys.readouterr().out
+    assert [again[i]["tokens"].tolist() for i in range(0, 2000, 97)] == samples

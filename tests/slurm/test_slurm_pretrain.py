@@ -1,7 +1,7 @@
 """scripts/slurm/pretrain.sbatch under a real Slurm (one node on 127.0.0.1, CPU mode, 2 ranks
 with EP=2): a complete run; a run stopped by the time-limit signal (SIGUSR1 to the batch
-shell, as --signal=B:USR1@300 sends it) that checkpoints, requeues itself and resumes to the
-same losses, bit for bit; a dependency chain (scripts/slurm/chain.sh) whose first link stops
+shell, as --signal=B:USR1@300 sends it, or to the job step) that checkpoints, requeues itself
+and resumes to the same losses, bit for bit; a dependency chain (scripts/slurm/chain.sh) whose first link stops
 on training.exit_after_iters; and a two-"node" torchrun rendezvous through
 scripts/slurm/node.sh and scripts/pretrain.sh."""
 
@@ -99,8 +99,11 @@ def test_sbatch_runs_training_to_the_end(reference, slurm, slurm_workdir, tiny_c
     assert latest_iteration(run_dir) == ITERATIONS
 
 
-def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_workdir, tiny_config):
-    name = "moepp-preempted"
+@pytest.mark.parametrize("to", ["batch", "steps"])
+def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_workdir, tiny_config, to):
+    """SIGUSR1 to the batch shell (--signal=B:USR1@T) or to the job step only (--signal=USR1@T,
+    or a site's preemption): either way the job checkpoints, requeues and resumes."""
+    name = f"moepp-preempted-{to}"
     run_dir = slurm_workdir / name
     job = submit(slurm, slurm_workdir, name, tiny_config)
     deadline = time.monotonic() + 540
@@ -109,8 +112,9 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_w
         assert state in ("PENDING", "RUNNING"), job_log(slurm_workdir, name, job)
         assert time.monotonic() < deadline, f"no training progress\n{job_log(slurm_workdir, name, job)}"
         time.sleep(0.2)
-    # What --signal=B:USR1@300 does before the time limit: SIGUSR1 to the batch shell only.
-    slurm.command("scancel", "--signal=USR1", "--batch", str(job))
+    # What --signal=B:USR1@300 does before the time limit: SIGUSR1 to the batch shell only;
+    # --signal=USR1@300: to the processes of the job step only.
+    slurm.command("scancel", "--signal=USR1", *(["--batch"] if to == "batch" else []), str(job))
     info = slurm.wait_for(job, ("PENDING",) + TERMINAL, timeout=360, what="the requeue")
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{job_log(slurm_workdir, name, job)}"
     stopped_at = latest_iteration(run_dir)
@@ -127,7 +131,10 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(reference, slurm, slurm_w
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
     assert info["Restarts"] == "1"
 
-    assert "SIGUSR1 received: forwarding it to the training step" in log
+    if to == "batch":
+        assert "SIGUSR1 received: forwarding it to the training step" in log
+    else:  # scripts/pretrain.sh turned the stop with a checkpoint into 75
+        assert f"training step exited with 75; checkpoint at iteration {stopped_at}" in log
     assert f"stopping at iteration {stopped_at} (SIGUSR1)" in log
     assert f"not finished (iteration {stopped_at} of {ITERATIONS}): requeueing job {job}" in log
     assert f"job {job} (restart 1) on 1 node(s)" in log

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from tests.distributed import find_free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
 
 
 def run_config_writer(tiny_data, directory: Path):
@@ -70,3 +79,90 @@ def metric_records(run_dir: Path) -> list[dict]:
 
     text = (Path(run_dir) / "metrics.jsonl").read_text()
     return [json.loads(line, parse_constant=reject) for line in text.splitlines()]
+
+
+def train_iterations(run_dir: Path) -> list[int]:
+    """Iterations of the training records of metrics.jsonl, in the order written."""
+    return [r["iteration"] for r in metric_records(run_dir) if "lm_loss" in r]
+
+
+class Job:
+    """A training job in real processes, each leading its own process group (itself and
+    everything it starts): the ranks of ``moepp-train`` started directly, as torchrun starts
+    them (:meth:`ranks`), or ``scripts/pretrain.sh`` (:meth:`script`). Logs go to ``logs/``."""
+
+    def __init__(self, processes: list[subprocess.Popen], logs: Path) -> None:
+        self.processes, self.logs = processes, logs
+
+    @classmethod
+    def ranks(cls, config: Path, overrides: list[str], logs: Path, world_size: int = 2) -> "Job":
+        logs.mkdir(parents=True, exist_ok=True)
+        port = find_free_port()
+        processes = []
+        for rank in range(world_size):
+            env = dict(
+                os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEPP_CPU_MODE="1", OMP_NUM_THREADS="1",
+            )
+            processes.append(cls._start(
+                [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config), *overrides],
+                env, logs / f"rank{rank}.log",
+            ))
+        return cls(processes, logs)
+
+    @classmethod
+    def script(cls, config: Path, overrides: list[str], logs: Path, nproc: int = 2) -> "Job":
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, NPROC_PER_NODE=str(nproc), MASTER_PORT=str(find_free_port()),
+                   MOEPP_CPU_MODE="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="60")
+        return cls([cls._start(["bash", str(REPO / "scripts/pretrain.sh"), str(config), *overrides],
+                               env, logs / "pretrain.log")], logs)
+
+    @staticmethod
+    def _start(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "w") as log:
+            return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def signal(self, signum: int, group: bool = True) -> None:
+        """``signum`` to every process group of the job (as Slurm signals a job step), or
+        ``group=False``: to the processes started (a script or the ranks) alone."""
+        for process in self.processes:
+            try:
+                (os.killpg if group else os.kill)(process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in self.processes]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job did not exit within {timeout:.0f} s\n{self.tail()}")
+
+    def output(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+    def tail(self, lines: int = 25) -> str:
+        return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+                         for p in sorted(self.logs.glob("*.log")))
+
+    def wait_for_iteration(self, run_dir: Path, iteration: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _logged(run_dir, iteration):
+                return
+            if any(p.poll() is not None for p in self.processes):
+                pytest.fail(f"the job exited before iteration {iteration}\n{self.tail()}")
+            time.sleep(0.1)
+        pytest.fail(f"iteration {iteration} not logged within {timeout:.0f} s\n{self.tail()}")
+
+
+def _logged(run_dir: Path, iteration: int) -> bool:
+    try:
+        return iteration in train_iterations(run_dir)
+    except (FileNotFoundError, ValueError):  # not written yet, or a line half-written
+        return False

@@ -97,3 +97,35 @@ def test_wandb_offline_run(run_dir):
     for record in _train(run_dir).values():
         assert json.dumps(record["lm_loss"]).encode() in data
     assert b"num_ffn_experts" in data  # the run config
+
+
+def test_a_resumed_run_drops_the_rolled_back_records(tmp_path):
+    """After a crash at iteration 5 and a resume from the checkpoint of iteration 3,
+    metrics.jsonl and TensorBoard hold iterations 1-3 once, then the resumed run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moepp_megatron.config.schema import LoggingConfig
+    from moepp_megatron.training.metrics import MetricsLogger
+
+    config = LoggingConfig(tensorboard=True)
+    crashed = MetricsLogger(config, tmp_path, {}, enabled=True)
+    crashed.open(0)
+    for iteration in range(1, 6):
+        crashed.log(iteration, {"lm_loss": float(iteration)})
+        crashed.log(iteration, {"lm_loss": 0.5}, prefix="valid")
+    crashed.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lm_lo')  # the crash cut this line
+
+    resumed = MetricsLogger(config, tmp_path, {}, enabled=True)
+    resumed.open(3)
+    resumed.log(4, {"lm_loss": 40.0})
+    resumed.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], "valid" in r) for r in records] == [
+        (1, False), (1, True), (2, False), (2, True), (3, False), (3, True), (4, False)
+    ]
+    assert records[-1]["lm_loss"] == 40.0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/lm_loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -1,134 +1,112 @@
-"""Preemption: SIGTERM / SIGUSR1 sent to every process of a 2-rank ``moepp-train`` job (as
-Slurm signals every process of a job step: DataLoader workers and dist_checkpointing's helper
-processes included) finish the current step, save a checkpoint for it and exit with code 75;
-running the job again resumes from that checkpoint."""
+"""Stop signals to a 2-rank ``moepp-train`` job, sent to every process of it (as Slurm signals
+every process of a job step: DataLoader workers and dist_checkpointing's helper processes
+included). SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) finish the current step, save a
+checkpoint for it and exit with code 75; running the job again resumes from that
+checkpoint. A second SIGINT exits at once, without a traceback. A signal during start-up
+is not lost: the job stops right after restoring."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from moepp_megatron.training.checkpoint_files import MANIFEST
 from moepp_megatron.training.checkpointing import TRACKER, iteration_dir
 from moepp_megatron.training.trainer import EXIT_PREEMPTED
-from tests.distributed import find_free_port
-from tests.training.runs import metric_records
+from tests.training.runs import Job, train_iterations
 
-REPO = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 
 
-def _launch(config: Path, overrides: list[str], logs: Path) -> list[subprocess.Popen]:
-    """``python -m moepp_megatron.training.train`` once per rank, as torchrun would start them;
-    each rank leads its own process group (the rank and every process it starts)."""
-    port = find_free_port()
-    ranks = []
-    for rank in range(WORLD_SIZE):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEPP_CPU_MODE="1", OMP_NUM_THREADS="1",
-        )
-        with open(logs / f"rank{rank}.log", "w") as log:
-            ranks.append(subprocess.Popen(
-                [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config), *overrides],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-    return ranks
-
-
-def _signal_groups(ranks: list[subprocess.Popen], signum: int) -> None:
-    for process in ranks:
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def _wait(ranks: list[subprocess.Popen], logs: Path, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    try:
-        return [process.wait(timeout=max(0.1, deadline - time.monotonic())) for process in ranks]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the job did not exit within {timeout:.0f} s\n{_tail(logs)}")
-
-
-def _tail(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-25:])
-                     for p in sorted(logs.glob("rank*.log")))
-
-
-def _train_iterations(run_dir: Path) -> list[int]:
-    return [r["iteration"] for r in metric_records(run_dir) if "lm_loss" in r]
-
-
-def _logged(run_dir: Path, iteration: int) -> bool:
-    try:
-        return iteration in _train_iterations(run_dir)
-    except (FileNotFoundError, ValueError):  # not written yet, or a line half-written
-        return False
-
-
-def _wait_for_iteration(run_dir: Path, iteration: int, ranks, logs: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _logged(run_dir, iteration):
-            return
-        if any(process.poll() is not None for process in ranks):
-            pytest.fail(f"a rank exited before iteration {iteration}\n{_tail(logs)}")
-        time.sleep(0.1)
-    pytest.fail(f"iteration {iteration} not logged within {timeout:.0f} s\n{_tail(logs)}")
+def _long_job(run_config):
+    # A periodic save before the signal (its helper process is running) and DataLoader workers:
+    # both get the signal too, and neither may break the final checkpoint.
+    return run_config(
+        "job", training={"train_iters": 200, "eval_interval": 1000},
+        checkpoint={"save_interval": 2}, data={"num_workers": 1},
+    )
 
 
 def _preempt(run_config, tmp_path, signum) -> tuple[Path, Path, int]:
     """Start the job and signal every process of it after iteration 3; check the exit codes
     and the checkpoint. Returns the config, the run directory and the last iteration."""
-    # A periodic save before the signal (its helper process is running) and DataLoader workers:
-    # both get the signal too, and neither may break the final checkpoint.
-    config = run_config(
-        "job", training={"train_iters": 200, "eval_interval": 1000},
-        checkpoint={"save_interval": 2}, data={"num_workers": 1},
-    )
-    run_dir, logs = tmp_path / "job", tmp_path / "logs"
-    logs.mkdir()
-    ranks = _launch(config, [], logs)
+    config, run_dir = _long_job(run_config), tmp_path / "job"
+    job = Job.ranks(config, [], tmp_path / "logs")
     try:
-        _wait_for_iteration(run_dir, 3, ranks, logs, timeout=120)
-        _signal_groups(ranks, signum)
-        assert _wait(ranks, logs, timeout=120) == [EXIT_PREEMPTED] * WORLD_SIZE, _tail(logs)
+        job.wait_for_iteration(run_dir, 3, timeout=120)
+        job.signal(signum)
+        assert job.wait(timeout=120) == [EXIT_PREEMPTED] * WORLD_SIZE, job.tail()
     finally:
-        _signal_groups(ranks, signal.SIGKILL)
+        job.kill()
 
-    last = max(_train_iterations(run_dir))
+    last = max(train_iterations(run_dir))
     assert 3 <= last < 200
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / TRACKER).read_text().strip() == str(last)
-    assert (iteration_dir(checkpoints, last) / "config.yaml").is_file()
+    assert (iteration_dir(checkpoints, last) / MANIFEST).is_file()
     name = signal.Signals(signum).name
-    assert f"stopping at iteration {last} ({name})" in (logs / f"rank{WORLD_SIZE - 1}.log").read_text()
+    assert f"stopping at iteration {last} ({name})" in (tmp_path / "logs" / f"rank{WORLD_SIZE - 1}.log").read_text()
+    assert "Traceback" not in job.output()
     return config, run_dir, last
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_the_job_resumes(run_config, tmp_path):
     config, run_dir, last = _preempt(run_config, tmp_path, signal.SIGTERM)
-    logs = tmp_path / "resumed_logs"
-    logs.mkdir()
-    ranks = _launch(config, [f"training.train_iters={last + 2}"], logs)
+    job = Job.ranks(config, [f"training.train_iters={last + 2}"], tmp_path / "resumed_logs")
     try:
-        assert _wait(ranks, logs, timeout=120) == [0] * WORLD_SIZE, _tail(logs)
+        assert job.wait(timeout=120) == [0] * WORLD_SIZE, job.tail()
     finally:
-        _signal_groups(ranks, signal.SIGKILL)
+        job.kill()
     checkpoints = run_dir / "checkpoints"
-    assert f"resumed from {checkpoints} at iteration {last}" in (logs / f"rank{WORLD_SIZE - 1}.log").read_text()
-    assert _train_iterations(run_dir) == list(range(1, last + 3))
+    log = (tmp_path / "resumed_logs" / f"rank{WORLD_SIZE - 1}.log").read_text()
+    assert f"resumed from {checkpoints} at iteration {last}" in log
+    # The shorter run keeps the checkpoint's LR schedule, and says so.
+    assert "training.train_iters: 200 -> " in log and "the checkpoint's is kept" in log
+    assert train_iterations(run_dir) == list(range(1, last + 3))
     assert (checkpoints / TRACKER).read_text().strip() == str(last + 2)
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_exits_75(run_config, tmp_path):
-    _preempt(run_config, tmp_path, signal.SIGUSR1)
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
+def test_sigusr1_and_first_ctrl_c_checkpoint_and_exit_75(run_config, tmp_path, signum):
+    _preempt(run_config, tmp_path, signum)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(run_config, tmp_path):
+    # During start-up (seconds of imports and set-up): a window a test can hit every time.
+    job = Job.ranks(_long_job(run_config), [], tmp_path / "logs")
+    first = "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again: exit at once"
+    try:
+        time.sleep(2)
+        job.signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while first not in job.output():
+            assert time.monotonic() < deadline, job.tail()
+            time.sleep(0.05)
+        job.signal(signal.SIGINT)
+        assert job.wait(timeout=60) == [-signal.SIGINT] * WORLD_SIZE, job.tail()
+    finally:
+        job.kill()
+    output = job.output()
+    assert output.count("second interrupt: exiting now, without a checkpoint") == 1  # rank 0's
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+@pytest.mark.slow
+def test_signal_during_start_up_stops_after_restore(run_config, tmp_path):
+    run_dir = tmp_path / "job"
+    job = Job.ranks(_long_job(run_config), [], tmp_path / "logs")
+    try:
+        time.sleep(2)  # importing torch and megatron, long before the first step
+        job.signal(signal.SIGUSR1)
+        assert job.wait(timeout=120) == [EXIT_PREEMPTED] * WORLD_SIZE, job.tail()
+    finally:
+        job.kill()
+    log = (tmp_path / "logs" / f"rank{WORLD_SIZE - 1}.log").read_text()
+    assert "SIGUSR1 arrived during start-up: stopping at iteration 0 before training" in log
+    assert not (run_dir / "metrics.jsonl").exists() or train_iterations(run_dir) == []
