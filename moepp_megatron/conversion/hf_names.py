@@ -77,7 +77,8 @@ def rules(model: ModelConfig) -> list[Rule]:
     )
     first = model.moe.num_ffn_experts
     constants = range(model.moe.num_constant_experts if model.moe.method == "moepp" else 0)
-    for megatron_leaf, hf_leaf in (("constant_vectors", "constant"), ("constant_gates", "wg.weight")):
+    leaves = (("constant_vectors", "constant"), ("constant_gates", "wg.weight")) if constants else ()
+    for megatron_leaf, hf_leaf in leaves:
         table.append(
             Rule(
                 _MEGATRON_LAYER + "mlp.zc_experts." + megatron_leaf,

@@ -64,10 +64,17 @@ class ZeroComputationExperts(nn.Module):
         self.num_zero = num_zero
         self.compile = compile
         # Every rank holds the same full copy; shapes never depend on the parallel layout.
-        self.constant_vectors = nn.Parameter(torch.empty(num_constant, hidden_size, dtype=params_dtype))
-        self.constant_gates = nn.Parameter(torch.empty(num_constant, 2, hidden_size, dtype=params_dtype))
-        init_method(self.constant_vectors)
-        init_method(self.constant_gates)
+        vectors = torch.empty(num_constant, hidden_size, dtype=params_dtype)
+        gates = torch.empty(num_constant, 2, hidden_size, dtype=params_dtype)
+        if num_constant:
+            self.constant_vectors, self.constant_gates = nn.Parameter(vectors), nn.Parameter(gates)
+            init_method(self.constant_vectors)
+            init_method(self.constant_gates)
+        else:
+            # Without constant experts, no parameters at all: dist_checkpointing cannot shard
+            # an empty tensor (ZeroDivisionError in its sharding validation).
+            self.register_buffer("constant_vectors", vectors, persistent=False)
+            self.register_buffer("constant_gates", gates, persistent=False)
 
     @property
     def num_experts(self) -> int:

@@ -69,3 +69,23 @@ def test_moepp_without_zc_experts_is_stock_moe(single_process, capacity_factor):
     torch.testing.assert_close(x_grad, stock_x_grad, rtol=1e-6, atol=1e-7)
     for name, grad in stock_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_zc_set_without_constant_experts_checkpoints(single_process, tmp_path):
+    """The paper's ZC-set ablation (zero / copy only): no empty parameters, which
+    dist_checkpointing cannot shard (it failed with a ZeroDivisionError)."""
+    from megatron.core import dist_checkpointing
+
+    from moepp_megatron.model.builder import build_model
+
+    model = tiny_model(num_zero_experts=1, num_copy_experts=0, num_constant_experts=0)
+    chunks = build_model(model, ParallelConfig(cpu_mode=True))
+    assert all(param.numel() for param in chunks.parameters())
+    weights = {k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
+    dist_checkpointing.save(chunks.sharded_state_dict(), str(tmp_path))
+    for param in chunks.parameters():
+        param.data.zero_()
+    chunks.load_state_dict(dist_checkpointing.load(chunks.sharded_state_dict(), str(tmp_path)))
+    for name, value in chunks[0].state_dict().items():
+        if name in weights:
+            torch.testing.assert_close(value, weights[name], rtol=0, atol=0, msg=name)
