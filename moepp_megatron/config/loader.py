@@ -1,14 +1,17 @@
 """YAML -> typed config, with ``base:`` inheritance and dotted command-line overrides.
 
 A preset names the file(s) it extends with ``base: other.yaml`` or ``base: [a.yaml,
-b.yaml]`` (relative to itself; later ones win) and states only what differs. Overrides look like ``model.moe.tau=0.5``; values are parsed as
-YAML scalars, so ``null``, ``true``, ``1e-4`` and ``[1, 0]`` work. An unknown key anywhere
-is an error naming its dotted path and the file it came from.
+b.yaml]`` (relative to itself; later ones win) and states only what differs. Overrides look
+like ``model.moe.tau=0.5``; values are parsed as YAML scalars, so ``null``, ``true``,
+``1e-4`` and ``[1, 0]`` work (``1e-4`` is a float here, in files too). An unknown key or a
+wrong type is an error naming its dotted path and the file, or the override, it came from;
+an override into a section no file sets keeps that section's other defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -35,10 +38,56 @@ def load_typed(cls: type[T], paths: str | Path | Sequence[str | Path], overrides
         data = _merge(data, _read_with_bases(Path(path), seen=()))
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        value = _parse_scalar(raw)
+        _check_override(cls, key, value, item)
+        section = key.split(".")[0]
+        if "." in key and section not in data:
+            # A section the files do not have: start from its defaults, not from nothing.
+            data[section] = to_dict(_default_of(cls, section))
+        _set_dotted(data, key, value)
     return from_dict(cls, data, where=" + ".join(map(str, paths)))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write it: PyYAML follows YAML 1.1, which reads ``3e-4`` (no dot) as
+    a string; here it is the float it looks like, in files and overrides alike."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_scalar(raw: str) -> Any:
+    return yaml.load(raw, Loader=_Loader)
+
+
+def _default_of(cls: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def _check_override(cls: type, dotted: str, value: Any, item: str) -> None:
+    """The override's key exists and its value has the field's type; errors name the
+    override, not the config file it lands on."""
+    where = f"override {item!r}"
+    node = cls
+    *parents, leaf = dotted.split(".")
+    for depth, part in enumerate(parents + [leaf]):
+        fields = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
+        if part not in fields:
+            known = f"; valid: {sorted(fields)}" if fields else ""
+            raise ValueError(f"{where}: unknown config key {'.'.join(dotted.split('.')[:depth + 1])}{known}")
+        node = typing.get_type_hints(node)[part]
+    if dataclasses.is_dataclass(node):
+        from_dict(node, value, where, f"{dotted}.")
+    else:
+        _check_type(value, node, dotted, where)
 
 
 def to_dict(config: Any) -> dict:
@@ -53,7 +102,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_Loader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     bases = data.pop("base", None) or []
@@ -131,6 +180,8 @@ def _check_type(value: Any, hint: Any, name: str, where: str) -> Any:
         return float(value)
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    elif hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # train_tokens: 1e12
     elif hint in (bool, str) and isinstance(value, hint):
         return value
     raise ValueError(f"{where}: {name}={value!r} must be of type {getattr(hint, '__name__', hint)}")

@@ -67,3 +67,26 @@ def test_model_preset_and_recipe_layer_in_order():
     assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_iters) == (1e-4, 1e-5, 200)
     assert config.data.mixture == "configs/data/mix-s2.yaml" and config.data.root == "/data"
     assert config.training.train_tokens == 100_000_000_000
+
+
+def test_floats_in_ordinary_notation(tmp_path):
+    (tmp_path / "run.yaml").write_text("base: " + str(CONFIGS / "tiny-cpu.yaml") + "\noptim:\n  min_lr: 3e-5\n")
+    config = load_config(tmp_path / "run.yaml", ["optim.lr=3e-4", "optim.warmup_init_lr=1E-7",
+                                                 "training.train_iters=null", "training.train_tokens=2e9"])
+    assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_init_lr) == (3e-4, 3e-5, 1e-7)
+    assert config.training.train_tokens == 2_000_000_000 and isinstance(config.training.train_tokens, int)
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ValueError, match=r"^override 'optim.lr=fast': optim.lr='fast' must be of type float"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["optim.lr=fast"])
+    with pytest.raises(ValueError, match=r"^override 'model.hiden_size=8': unknown config key model.hiden_size; valid: \["):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["model.hiden_size=8"])
+
+
+def test_override_into_a_section_no_file_sets_keeps_its_defaults(tmp_path):
+    (tmp_path / "run.yaml").write_text("base: " + str(CONFIGS / "tiny-cpu.yaml") + "\n")
+    assert "training" not in (CONFIGS / "tiny-cpu.yaml").read_text()
+    config = load_config(tmp_path / "run.yaml", ["training.micro_batch_size=2"])
+    assert config.training.micro_batch_size == 2
+    assert config.training.train_iters == load_config(tmp_path / "run.yaml").training.train_iters
