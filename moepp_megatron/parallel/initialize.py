@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from moepp_megatron.compat.cpu import cpu_mode_requested, enable_cpu_mode
+from moepp_megatron.compat.cpu import CPU_MODE_ENV_VAR, cpu_mode_requested, enable_cpu_mode
 
 __all__ = ["initialize_parallel", "destroy_parallel"]
 
@@ -90,6 +90,10 @@ def _env_int(name: str, default: int | None = None) -> int:
     return int(value)
 
 
+class NoCudaError(RuntimeError):
+    pass
+
+
 def initialize_parallel(
     *,
     tensor_parallel: int = 1,
@@ -138,6 +142,11 @@ def initialize_parallel(
     )
 
     if not cpu_mode:
+        if not torch.cuda.is_available():
+            raise NoCudaError(
+                "no CUDA device on this machine: to run on CPU with gloo (development only), set "
+                f"parallel.cpu_mode=true or {CPU_MODE_ENV_VAR}=1"
+            )
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
 
     if not dist.is_initialized():

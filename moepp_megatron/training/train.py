@@ -40,11 +40,13 @@ def main(argv=None) -> int:
 def _clear_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what happened and what to do: no traceback."""
     from moepp_megatron.data.blend import DataFileError
+    from moepp_megatron.parallel.initialize import NoCudaError
     from moepp_megatron.training.checkpointing import CheckpointError
     from moepp_megatron.training.run_dir import RunDirLockedError
     from moepp_megatron.training.trainer import NonFiniteLossError, NonFiniteWeightsError
 
-    return CheckpointError, DataFileError, RunDirLockedError, NonFiniteLossError, NonFiniteWeightsError
+    return (CheckpointError, DataFileError, NoCudaError, RunDirLockedError, NonFiniteLossError,
+            NonFiniteWeightsError)
 
 
 def _main(argv) -> int:

@@ -21,6 +21,7 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from moepp_megatron.compat.cpu import cpu_mode_requested
 from moepp_megatron.config.loader import to_dict
 from moepp_megatron.config.schema import RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets, check_sources, resolve_sources
@@ -124,6 +125,9 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         # Fail on missing data before any process group or accelerator is touched.
         check_sources(resolve_sources(config.data))
+        if cpu_mode_requested() and not config.parallel.cpu_mode:
+            # MOEPP_CPU_MODE=1 (scripts/pretrain.sh documents it) means parallel.cpu_mode.
+            config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, cpu_mode=True))
         if config.data.cache_dir is None:
             # megatron writes its sample/shuffle indices here, built once by rank 0.
             config = dataclasses.replace(

@@ -95,18 +95,24 @@ class Job:
         self.processes, self.logs = processes, logs
 
     @classmethod
-    def ranks(cls, config: Path, overrides: list[str], logs: Path, world_size: int = 2) -> "Job":
+    def ranks(cls, config: Path, overrides: list[str], logs: Path, world_size: int = 2, env=None) -> "Job":
+        """``env``: variables to set (None: unset) over the launch environment."""
         logs.mkdir(parents=True, exist_ok=True)
         port = find_free_port()
         processes = []
         for rank in range(world_size):
-            env = dict(
+            rank_env = dict(
                 os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEPP_CPU_MODE="1", OMP_NUM_THREADS="1",
             )
+            for name, value in (env or {}).items():
+                if value is None:
+                    rank_env.pop(name, None)
+                else:
+                    rank_env[name] = value
             processes.append(cls._start(
                 [sys.executable, "-m", "moepp_megatron.training.train", "--config", str(config), *overrides],
-                env, logs / f"rank{rank}.log",
+                rank_env, logs / f"rank{rank}.log",
             ))
         return cls(processes, logs)
 

@@ -111,3 +111,22 @@ def test_lock_of_a_dead_job_is_taken_over(run_config, tmp_path):
     finally:
         job.kill()
     assert f"WARNING: took over {run_dir / LOCK_FILE}: its process {gone.pid} on this host is gone" in job.output()
+
+
+def test_cpu_mode_from_the_environment_and_what_to_set_without_cuda(run_config, tmp_path):
+    config = run_config("job", training={"train_iters": 3}, parallel={"expert": 1, "cpu_mode": False})
+    job = Job.ranks(config, [], tmp_path / "no_cuda", world_size=1, env={"MOEPP_CPU_MODE": None})
+    try:
+        assert job.wait(timeout=180) == [1], job.tail()
+    finally:
+        job.kill()
+    assert ("error: no CUDA device on this machine: to run on CPU with gloo (development only), set "
+            "parallel.cpu_mode=true or MOEPP_CPU_MODE=1") in job.output()
+    assert "Traceback" not in job.output()
+
+    job = Job.ranks(config, [], tmp_path / "env", world_size=1)  # MOEPP_CPU_MODE=1
+    try:
+        assert job.wait(timeout=180) == [0], job.tail()
+    finally:
+        job.kill()
+    assert train_iterations(tmp_path / "job") == [1, 2, 3]
