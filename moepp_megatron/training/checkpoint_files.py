@@ -104,7 +104,7 @@ def _problem(directory: Path, name: str, entry: dict) -> Optional[str]:
     size = path.stat().st_size
     if size != entry["bytes"]:
         return f"{path} has {size} bytes, {entry['bytes']} were saved"
-    if _digest(path, sync=False)["sha256"] != entry["sha256"]:
+    if sha256_of(path) != entry["sha256"]:
         return f"{path} is damaged (its SHA-256 differs from the one recorded when it was saved)"
     return None
 

@@ -272,7 +272,7 @@ class Checkpointer:
                 if tracker is not None and tracker != candidate:
                     warnings.append(f"{TRACKER} names iteration {tracker}; resuming from {candidate}")
                 return candidate, warnings
-            message = f"checkpoint {path} fails verification:\n  " + "\n  ".join(problems)
+            message = _verification_failure(path, problems)
             if strict:
                 raise DamagedCheckpointError(
                     f"{message}\nStopping (checkpoint.on_damaged=stop). Resume from an earlier "
@@ -293,7 +293,7 @@ class Checkpointer:
             )
         problems = verify(path)
         if problems:
-            raise DamagedCheckpointError(f"checkpoint {path} fails verification:\n  " + "\n  ".join(problems))
+            raise DamagedCheckpointError(_verification_failure(path, problems))
 
     def load(
         self, model, optimizer, scheduler, config: dict, iteration: int, *,
@@ -399,6 +399,10 @@ def _optimizer_layout_change(saved: dict, config: dict) -> Optional[str]:
             f"this run has {_describe_layout(_layout())}"
         )
     return None
+
+
+def _verification_failure(path: Path, problems: list[str]) -> str:
+    return f"checkpoint {path} fails verification:\n  " + "\n  ".join(problems)
 
 
 def _listing(iterations: list[int]) -> str:

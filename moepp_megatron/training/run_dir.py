@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_FILE = "run.lock"
+# An earlier trainer of this process (tests build several): taken over without a warning.
+_HELD_HERE = "this process holds it"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 
@@ -55,7 +57,7 @@ def _why_stale(holder: dict, age_s: float) -> Optional[str]:
     """Why the holder of a lock is known to be gone, or None when it may be alive."""
     me = _me()
     if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
-        return "this process holds it"
+        return _HELD_HERE
     if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
         return f"its process {holder.get('pid')} on this host is gone"
     if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"] \
@@ -104,8 +106,10 @@ class RunDirLock:
         except FileNotFoundError:
             return None  # released meanwhile
         except (OSError, ValueError):
+            holder = None
+        if not isinstance(holder, dict):
             holder, age = {}, STALE_AFTER_S + 1  # unreadable: a crash while writing it
-        reason = _why_stale(holder, age) if isinstance(holder, dict) else "it is unreadable"
+        reason = _why_stale(holder, age)
         if reason is None:
             raise RunDirLockedError(
                 f"run directory {self.path.parent} is in use by another job ({_describe(holder)}); "
@@ -113,8 +117,8 @@ class RunDirLock:
                 f"to end, or use another run_dir. If that job is gone, delete {self.path}."
             )
         self.path.unlink(missing_ok=True)
-        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            return None  # an earlier trainer of this process (tests build several)
+        if reason == _HELD_HERE:
+            return None
         return f"WARNING: took over {self.path}: {reason} ({_describe(holder)})"
 
     def _refresh(self) -> None:

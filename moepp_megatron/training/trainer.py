@@ -376,10 +376,9 @@ class Trainer:
     def _check_weights_finite(self) -> None:
         # Skipped steps never update the weights, so non-finite weights mean damage that
         # got past verification: never let them replace the last good checkpoint.
-        bad = torch.zeros(1, device=self._device)
-        for param in self.chunks.parameters():
-            if not torch.isfinite(param).all():
-                bad += 1
+        # One reduction on the device, one host sync (not one per tensor).
+        finite = torch.stack([torch.isfinite(param).all() for param in self.chunks.parameters()])
+        bad = (~finite).sum(dtype=torch.float32).reshape(1).to(self._device)
         dist.all_reduce(bad)
         if bad.item():
             latest = self.checkpointer.latest_iteration()
