@@ -5,6 +5,7 @@
     moepp-bench comm     [--model 0.6B] [--ep 2,4] [--tokens N]
     moepp-bench train    [--model 0.6B] [--micro-batch B] [--seq-length S] [--microbatches M]
                          [--routing balanced|init]
+    moepp-bench startup  [--repeats 3]  (start-up time of every command, fresh processes)
     moepp-bench report   [--readme README.md]
     moepp-bench all      (every benchmark with its defaults, then report)
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moepp_megatron.bench import comm, expert_layer, layer, overhead, train
+from moepp_megatron.bench import comm, expert_layer, layer, overhead, startup, train
 from moepp_megatron.bench.measure import clock_name, resolve_device
 from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, REPO_ROOT, write_record
 from moepp_megatron.bench.report import update_readme
@@ -94,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("balanced", "init"), default="balanced",
                    help="balanced: every layer at its loss's balance (tau for MoE++); init: fresh routers")
 
+    p = sub.add_parser("startup", help="seconds until each command's --help and first error")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    p.add_argument("--repeats", type=int, default=3)
+
     p = sub.add_parser("all", help="every benchmark with its defaults, then report")
     common(p)
     p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
@@ -128,6 +133,11 @@ def main(argv=None) -> None:
     if args.command == "report":
         update_readme(args.readme, args.results_dir)
         print(f"updated {args.readme} from {args.results_dir}")
+        return
+    if args.command == "startup":
+        results = startup.bench(args.repeats)
+        path = write_record("startup", torch.device("cpu"), {"repeats": args.repeats}, results, args.results_dir)
+        print(f"wrote {path}")
         return
     device = resolve_device(getattr(args, "device", "cpu"))
     gpu = device.type == "cuda"

@@ -1,0 +1,58 @@
+"""Start-up time of every command: how long until ``--help`` prints, and until a mistake is
+reported, each in a fresh process (median wall time of a few runs).
+
+Commands are the package's console scripts (its installed entry points); the "mistake"
+cases are what a new user runs into first: a config key that does not exist, and a
+tokenizer file that is not there.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from moepp_megatron.bench.records import REPO_ROOT
+
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny-cpu.yaml")
+MISTAKES = {
+    "moepp-train: unknown config key": ["moepp-train", "--config", TINY_CONFIG, "model.moe.nope=1"],
+    "moepp-train --dry-run": ["moepp-train", "--dry-run", "--config", TINY_CONFIG, "parallel.cpu_mode=true"],
+    "moepp-preprocess: missing tokenizer": [
+        "moepp-preprocess", "--input", TINY_CONFIG, "--output-prefix", "/tmp/moepp-startup-bench",
+        "--tokenizer-model", "/nonexistent/tokenizer.model",
+    ],
+}
+
+
+def console_scripts() -> list[str]:
+    return sorted(
+        ep.name for ep in importlib.metadata.distribution("moepp-megatron").entry_points
+        if ep.group == "console_scripts"
+    )
+
+
+def time_command(argv: list[str], repeats: int, cwd: Path) -> dict:
+    """Median wall seconds of ``argv`` in fresh processes, and its exit status."""
+    if shutil.which(argv[0]) is None:
+        return {"argv": argv, "missing": True}
+    times, code = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        code = subprocess.run(argv, cwd=cwd, capture_output=True).returncode
+        times.append(time.perf_counter() - start)
+    return {"argv": argv, "exit_code": code, "seconds": statistics.median(times), "runs": times}
+
+
+def bench(repeats: int) -> list[dict]:
+    cases = {f"{name} --help": [name, "--help"] for name in console_scripts()} | MISTAKES
+    results = []
+    for case, argv in cases.items():
+        row = {"case": case, **time_command(argv, repeats, REPO_ROOT)}
+        shown = "not installed" if row.get("missing") else f"{row['seconds']:.2f} s (exit {row['exit_code']})"
+        print(f"{case:45s} {shown}", flush=True)
+        results.append(row)
+    return results
