@@ -193,7 +193,11 @@ class ParallelConfig:
 
 @dataclass
 class DataSource:
-    """One weighted corpus: a Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``)."""
+    """One weighted corpus: a Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+
+    An entry of ``data.sources``, of ``data.valid_sources`` or of a mixture file's
+    ``sources:`` list.
+    """
 
     # Path of the dataset without ``.bin`` / ``.idx`` (moepp-preprocess's --output-prefix);
     # a relative one is taken from data.root.
@@ -321,7 +325,8 @@ class TrainingConfig:
     deterministic: bool = False
     # Skip steps whose loss is NaN/Inf; stop after this many in a row.
     max_nonfinite_steps: int = 5
-    # Stop after this many iterations of this job (a step budget for one allocation).
+    # Save and stop after this many iterations of this job (a step budget for one
+    # allocation); null = no budget.
     exit_after_iters: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -386,7 +391,8 @@ class LoggingConfig:
     wandb: bool = False
     # The W&B project; the run is named after run_dir's last component.
     wandb_project: str = "moepp-megatron"
-    # offline: nothing leaves the machine; sync later with `wandb sync`.
+    # offline: nothing leaves the machine; sync later with `wandb sync`. online: streams to
+    # the W&B server. disabled: no W&B, even with wandb: true.
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
 
