@@ -1,6 +1,6 @@
 """One typed config tree for everything: schema (dataclasses) and YAML loader."""
 
-from moepp_megatron.config.loader import from_dict, load_config, to_dict
+from moepp_megatron.config.loader import from_dict, load_config, resolved_config_yaml, to_dict, to_yaml
 from moepp_megatron.config.schema import (
     DataConfig,
     DataSource,
@@ -19,5 +19,7 @@ __all__ = [
     "RunConfig",
     "from_dict",
     "load_config",
+    "resolved_config_yaml",
     "to_dict",
+    "to_yaml",
 ]

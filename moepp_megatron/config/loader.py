@@ -56,11 +56,29 @@ class _Loader(yaml.SafeLoader):
     a string; here it is the float it looks like, in files and overrides alike."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back: a string such as ``"3e-4"`` gets quotes."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+        list("-+0123456789."),
+    )
+
+
+def to_yaml(data: Any, flow: bool = False) -> str:
+    """``data`` (plain values, e.g. :func:`to_dict`'s) as YAML that the loader reads back
+    unchanged, keys in their given order; ``flow`` writes it on one line."""
+    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=flow, width=float("inf"))
+    return text.removesuffix("...\n").rstrip("\n") if flow else text
+
+
+def resolved_config_yaml(config: RunConfig) -> str:
+    """Every field of ``config`` as one YAML file, sections in schema order, that
+    :func:`load_config` reads back to an equal config (no ``base:``, no defaults left out)."""
+    return to_yaml(to_dict(config))
 
 
 def _parse_scalar(raw: str) -> Any:

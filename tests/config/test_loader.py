@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from moepp_megatron.config import load_config, to_dict
+from moepp_megatron.config import DataSource, RunConfig, load_config, resolved_config_yaml, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -90,3 +92,31 @@ def test_override_into_a_section_no_file_sets_keeps_its_defaults(tmp_path):
     config = load_config(tmp_path / "run.yaml", ["training.micro_batch_size=2"])
     assert config.training.micro_batch_size == 2
     assert config.training.train_iters == load_config(tmp_path / "run.yaml").training.train_iters
+
+
+def _reloaded(config, tmp_path):
+    path = tmp_path / "resolved.yaml"
+    path.write_text(resolved_config_yaml(config))
+    return load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("[!_]*.yaml")), ids=lambda p: p.stem)
+def test_resolved_yaml_of_every_preset_reads_back_equal(path, tmp_path):
+    config = load_config(path)
+    assert _reloaded(config, tmp_path) == config
+
+
+def test_resolved_yaml_lists_every_section_in_schema_order_and_reads_back_tricky_values(tmp_path):
+    config = load_config(
+        [CONFIGS / "moepp-7b-16+4e.yaml", CONFIGS / "recipes/strategy3.yaml"],
+        ["data.root=/data", "model.moe.layer_freq=[1, 0]", "model.num_layers=2", "parallel.pipeline=1",
+         "logging.wandb_project='3e-4'", "data.split='98,1,1'", "optim.min_lr=1e-5"],
+    )
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, mixture=None, sources=[DataSource("a", 0.5), DataSource("1e5")], valid_sources=[DataSource("v")],
+    ))
+    text = resolved_config_yaml(config)
+    assert list(yaml.safe_load(text)) == [f.name for f in dataclasses.fields(RunConfig)]
+    back = _reloaded(config, tmp_path)
+    assert back == config
+    assert back.logging.wandb_project == "3e-4" and back.data.sources[1].prefix == "1e5"
