@@ -19,10 +19,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from moepp_megatron.known_warnings import ignore_known_warnings
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 BLEND = {"reference": 0.5, "library": 0.3, "builtins": 0.2}
@@ -60,13 +63,32 @@ def prepare_data(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
     return tokenizer, mixture
 
 
-def train(nproc: int, overrides: list[str]) -> int:
+def config_problem(overrides: list[str], nproc: int) -> str | None:
+    """What ``moepp-train --check`` would say, checked in this process (megatron is imported
+    already): a mistake in the overrides is one message, before torchrun starts anything."""
+    from moepp_megatron.config import load_config
+    from moepp_megatron.training.plan import plan_run
+
+    try:
+        plan_run(load_config(CONFIG, overrides), nproc)
+    except (OSError, ValueError) as e:  # ConfigError and the data errors are ValueErrors
+        return str(e)
+    return None
+
+
+def train(nproc: int, overrides: list[str]) -> str:
+    """Run moepp-train under torchrun; its outcome: "complete", "stopped" (a checkpoint to
+    resume from) or "failed" (the trainer reports it as scripts/pretrain.sh reads it)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "moepp_megatron.training.train", "--config", str(CONFIG), *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, env=env).returncode
+    with tempfile.TemporaryDirectory() as tmp:
+        status = Path(tmp) / "status"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEPP_STATUS_FILE": str(status)}
+        code = subprocess.run(command, env=env).returncode
+        outcome = status.read_text().strip() if status.is_file() else ""
+    return outcome if code == 0 and outcome else "failed"
 
 
 def summarize(run_dir: Path, seconds: float) -> None:
@@ -89,6 +111,7 @@ def summarize(run_dir: Path, seconds: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    ignore_known_warnings()
     workdir = Path(args.workdir).resolve()
     run_dir = workdir / "run"
     start = time.monotonic()
@@ -96,18 +119,23 @@ def main(argv=None) -> int:
     tokenizer, mixture = prepare_data(workdir / "data", args.vocab_size)
     overrides = [
         f"run_dir={run_dir}", f"data.tokenizer_model={tokenizer}", f"data.mixture={mixture}",
-        f"training.train_iters={args.steps}", *args.overrides,
+        # The preset's warmup (20 of 300 steps) scaled to --steps.
+        f"training.train_iters={args.steps}", f"optim.warmup_iters={max(1, args.steps // 15)}",
+        *args.overrides,
     ]
+    problem = config_problem(overrides, args.nproc)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     half = args.steps // 2
     print(f"[2/3] pretraining on {args.nproc} processes; stopping after {half} iterations")
-    code = train(args.nproc, [*overrides, f"training.exit_after_iters={half}"])
-    if code != 0:
-        return code
+    if train(args.nproc, [*overrides, f"training.exit_after_iters={half}"]) != "stopped":
+        return 1
     print("[3/3] resuming from the checkpoint to the end")
-    code = train(args.nproc, overrides)
-    if code == 0:
-        summarize(run_dir, time.monotonic() - start)
-    return code
+    if train(args.nproc, overrides) != "complete":
+        return 1
+    summarize(run_dir, time.monotonic() - start)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@
 #
 # Exit status: 0 the run is complete; 75 it stopped early with a checkpoint to resume from
 # (a signal, or training.exit_after_iters): run the same command again; anything else: it
-# failed. The trainer reports its outcome in the file MOEPP_STATUS_FILE names, since
-# torchrun turns a worker's 75 into 1.
+# failed (a config mistake: before torchrun starts, one message). The trainer reports its
+# outcome in the file MOEPP_STATUS_FILE names and then exits 0, since torchrun would turn a
+# worker's 75 into 1 and a failure report.
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: $0 CONFIG [CONFIG ...] [--config CONFIG ...] [dotted.key=value ...]" >&2
@@ -34,6 +35,10 @@ if [ ${#configs[@]} -eq 0 ] && [[ " $* " != *" --config "* ]]; then
     exit 2
 fi
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+nproc=${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 2)}
+# The whole config, checked here once (seconds, one message) rather than by every rank.
+python -m moepp_megatron.training.train --check --world-size $((${NNODES:-1} * nproc)) \
+    ${configs[@]+"${configs[@]}"} "$@"
 status_file=$(mktemp "${TMPDIR:-/tmp}/moepp-status.XXXXXX")
 trap 'rm -f "$status_file"' EXIT
 export MOEPP_STATUS_FILE=$status_file
@@ -43,7 +48,7 @@ trap '' USR1 TERM INT
 torchrun \
     --nnodes="${NNODES:-1}" \
     --node-rank="${NODE_RANK:-0}" \
-    --nproc-per-node="${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 2)}" \
+    --nproc-per-node="$nproc" \
     --master-addr="${MASTER_ADDR:-127.0.0.1}" \
     --master-port="${MASTER_PORT:-29500}" \
     -m moepp_megatron.training.train ${configs[@]+"${configs[@]}"} "$@" &

@@ -6,16 +6,9 @@ on random tokens. Each method runs in its own fresh process, so the peak memory 
 ``torch.cuda.max_memory_allocated`` over the timed steps; CPU: the process's peak RSS) is
 its own.
 
-Model FLOPs per token (forward; training counts 3x, backward = 2x forward; no
-recompute), with D hidden, q = heads * head_dim, g = query groups * head_dim, S sequence
-length, F expert FFN size, V vocabulary, N router width, e = FFN experts that processed a
-token (measured: k for vanilla MoE without drops, fewer for MoE++):
-
-    per layer: attention 2*D*(q + 2g) + 2*q*D + 4*S*q    (QKV, output, QK^T and AV; no
-               causal discount) + router 2*D*N (MLP router: 2*D*8N + 2*8N*N; gating
-               residual + 2*N*N) + experts e * 6*D*F (SwiGLU: three D x F GEMMs)
-               + constant experts 4*D each
-    model:     layers * per layer + LM head 2*D*V
+Model FLOPs per token: :func:`moepp_megatron.model.size.forward_flops_per_token` with e the
+FFN experts that processed a token (measured: k for vanilla MoE without drops, fewer for
+MoE++); training counts 3x (backward = 2x forward; no recompute).
 
 MFU = training FLOPs per step / step time / peak dense bf16 FLOP/s of the GPU (table
 below); no MFU on CPU.
@@ -47,34 +40,7 @@ from moepp_megatron.bench.layer import time_layer
 from moepp_megatron.bench.measure import peak_memory, reset_peak_memory, resolve_device, summarize, time_calls
 from moepp_megatron.bench.paper import paper_speedup
 from moepp_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
-
-# Dense bf16 tensor-core peak, FLOP/s (vendor data sheets; SXM parts).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "A100": 312e12}
-
-
-def peak_flops(device_name: str) -> Optional[float]:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
-
-
-def forward_flops_per_token(model: ModelConfig, ffn_experts_per_token: float) -> float:
-    moe = model.moe
-    d, s = model.hidden_size, model.seq_length
-    q = model.num_attention_heads * model.head_dim
-    g = (model.num_query_groups or model.num_attention_heads) * model.head_dim
-    n = moe.num_ffn_experts + moe.num_zc_experts
-    attention = 2 * d * (q + 2 * g) + 2 * q * d + 4 * s * q
-    if moe.method == "moepp" and moe.router == "mlp":
-        router = 2 * d * 8 * n + 2 * 8 * n * n
-    else:
-        router = 2 * d * n
-    if moe.method == "moepp":
-        router += 2 * n * n * moe.gating_residual + 4 * d * moe.num_constant_experts
-    experts = ffn_experts_per_token * 6 * d * moe.ffn_hidden_size
-    return model.num_layers * (attention + router + experts) + 2 * d * model.vocab_size
-
+from moepp_megatron.model.size import forward_flops_per_token, peak_flops
 
 def _batch(model: ModelConfig, micro_batch: int, device, generator) -> dict:
     tokens = torch.randint(0, model.vocab_size, (micro_batch, model.seq_length + 1), generator=generator)

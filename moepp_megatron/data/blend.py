@@ -92,10 +92,11 @@ class DataFileError(ValueError):
     """A data file is damaged; the message names it."""
 
 
-def check_sources(sources: list[DataSource]) -> None:
-    """Raise ``FileNotFoundError`` listing every prefix whose ``.bin`` or ``.idx`` is missing,
-    then :class:`DataFileError` for every ``.idx`` that does not read and every ``.bin`` whose
-    size is not the one its index describes (truncated, or from another run)."""
+def check_sources(sources: list[DataSource]) -> list[int]:
+    """The tokens of every source, after raising ``FileNotFoundError`` listing every prefix
+    whose ``.bin`` or ``.idx`` is missing, then :class:`DataFileError` for every ``.idx`` that
+    does not read and every ``.bin`` whose size is not the one its index describes
+    (truncated, or from another run)."""
     missing = []
     for source in sources:
         absent = [s for s in (".bin", ".idx") if not os.path.isfile(source.prefix + s)]
@@ -106,28 +107,31 @@ def check_sources(sources: list[DataSource]) -> None:
             f"{len(missing)} of {len(sources)} data source(s) missing; run moepp-preprocess "
             "for each (see configs/data/):\n" + "\n".join(missing)
         )
-    damaged = [problem for source in sources if (problem := _index_problem(source.prefix))]
+    inspected = [_inspect_index(source.prefix) for source in sources]
+    damaged = [problem for problem, _ in inspected if problem]
     if damaged:
         raise DataFileError(
             f"{len(damaged)} of {len(sources)} data source(s) damaged; run moepp-preprocess "
             "for each again:\n" + "\n".join(f"  {p}" for p in damaged)
         )
+    return [tokens for _, tokens in inspected]
 
 
-def _index_problem(prefix: str) -> str | None:
+def _inspect_index(prefix: str) -> tuple[str | None, int]:
+    """(what is wrong with the source or None, its tokens)."""
     idx, bin_path = prefix + ".idx", prefix + ".bin"
     try:
         index = _IndexReader(idx, multimodal=False)
     except Exception as e:  # megatron asserts on the header, numpy fails on a short file
-        return f"{idx} is not a readable megatron index ({type(e).__name__}: {e})"
+        return f"{idx} is not a readable megatron index ({type(e).__name__}: {e})", 0
     count = len(index)
     described = (
         int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if count else 0
     )
     size = os.path.getsize(bin_path)
     if size != described:
-        return f"{bin_path} has {size} bytes; its index {idx} describes {described}"
-    return None
+        return f"{bin_path} has {size} bytes; its index {idx} describes {described}", 0
+    return None, int(index.sequence_lengths.sum())
 
 
 def verify_index_cache(cache_dir: str | None) -> list[str]:

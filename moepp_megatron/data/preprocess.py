@@ -30,7 +30,6 @@ import signal
 import sys
 import secrets
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from moepp_megatron.data.readers import Document, SkipLog, expand_inputs, read_documents
+from moepp_megatron.known_warnings import ignore_known_warnings
 
 __all__ = ["PreprocessSummary", "main", "preprocess"]
 
@@ -276,8 +276,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # megatron-core announces its CPU fallbacks when imported; no use to this command.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    ignore_known_warnings()
     try:
         summary = preprocess(
             args.input,

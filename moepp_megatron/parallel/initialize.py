@@ -23,7 +23,7 @@ from moepp_megatron.compat.cpu import CPU_MODE_ENV_VAR, cpu_mode_requested, enab
 __all__ = ["initialize_parallel", "destroy_parallel"]
 
 
-def _check_sizes(
+def check_sizes(
     world_size: int,
     tensor_parallel: int,
     pipeline_parallel: int,
@@ -132,7 +132,7 @@ def initialize_parallel(
         world_size = dist.get_world_size()
     else:
         world_size = _env_int("WORLD_SIZE", 1)
-    _check_sizes(
+    check_sizes(
         world_size,
         tensor_parallel,
         pipeline_parallel,

@@ -8,6 +8,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from moepp_megatron.config.schema import OptimConfig
+from moepp_megatron.training.plan import check_schedule
 
 
 def build_optimizer(
@@ -27,12 +28,7 @@ def build_optimizer(
         bf16=bf16,
         use_distributed_optimizer=optim.use_distributed_optimizer,
     )
-    decay_iters = optim.decay_iters or train_iters
-    if optim.warmup_iters >= decay_iters:
-        raise ValueError(
-            f"optim.warmup_iters={optim.warmup_iters} must be smaller than the decay length "
-            f"({'optim.decay_iters' if optim.decay_iters else 'training iterations'} = {decay_iters})"
-        )
+    check_schedule(optim, train_iters)
     optimizer = get_megatron_optimizer(config, model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -40,7 +36,7 @@ def build_optimizer(
         max_lr=optim.lr,
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_iters,
-        lr_decay_steps=decay_iters,
+        lr_decay_steps=optim.decay_iters or train_iters,
         lr_decay_style=optim.decay_style,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,

@@ -152,10 +152,11 @@ def stop_when_orphaned(request_stop, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
-def write_outcome(outcome: str) -> None:
+def write_outcome(outcome: str) -> bool:
     """Tell the launching script how the run ended (``complete``, ``stopped``: a checkpoint
     to resume from): scripts/pretrain.sh names the file in MOEPP_STATUS_FILE, one per node,
-    written by the node's first local rank."""
+    written by the node's first local rank. Returns whether a launcher reads it."""
     path = os.environ.get("MOEPP_STATUS_FILE")
     if path and os.environ.get("LOCAL_RANK", "0") == "0":
         Path(path).write_text(outcome + "\n")
+    return bool(path)

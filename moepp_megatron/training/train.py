@@ -4,10 +4,13 @@ launched by torchrun (see scripts/pretrain.sh), e.g.
     moepp-train --config configs/moepp-0.6b-8+4e.yaml --config configs/recipes/strategy1.yaml \
         data.root=/data/moepp run_dir=/runs/moepp-0.6b
 
-Prints the resolved config, trains (resuming from the run directory's newest checkpoint
-that verifies, when there is one) and exits 0 when done (also when the run was already
-complete), 75 when stopped by SIGTERM / SIGUSR1 / SIGINT after saving a checkpoint (run it
-again to continue), 1 on an error, printed once.
+Checks the whole config first (one message naming the field; ``--check`` does only that,
+``--dry-run`` also prints the plan), prints a start-up block (model, parameters, layout,
+batch, memory estimate, data blend, run directory), writes the resolved config to
+``<run_dir>/config.yaml``, trains (resuming from the run directory's newest checkpoint that
+verifies, when there is one) and exits 0 when done (also when the run was already
+complete), 75 when stopped early with a checkpoint (SIGTERM / SIGUSR1 / SIGINT, or
+``training.exit_after_iters``: run it again to continue), 1 on an error, printed once.
 """
 
 from __future__ import annotations
@@ -22,50 +25,101 @@ from moepp_megatron.training.signals import stop_request
 # First thing: a stop signal during the minutes of start-up is recorded, not lost.
 stop_request.install()
 
-import yaml  # noqa: E402
+from moepp_megatron.known_warnings import ignore_known_warnings  # noqa: E402
 
-from moepp_megatron.config import load_config  # noqa: E402
+ignore_known_warnings()
+
+from moepp_megatron.config import load_config, resolved_config_yaml  # noqa: E402
+from moepp_megatron.training.plan import (  # noqa: E402
+    ConfigError,
+    describe,
+    plan_run,
+    resolve,
+    smallest_world_size,
+)
 
 
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except _clear_errors() as e:
-        # Every rank raises it; one message is enough.
+    except ConfigError as e:
+        # Every rank checks the config before any process group: one message is enough.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:
+        if isinstance(e, _clear_errors()):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        raise
 
 
 def _clear_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says what happened and what to do: no traceback."""
+    """Errors whose message says what happened and what to do: no traceback. (Imported
+    only when an error happened: ``--help`` and config errors stay fast.)"""
     from moepp_megatron.data.blend import DataFileError
     from moepp_megatron.parallel.initialize import NoCudaError
     from moepp_megatron.training.checkpointing import CheckpointError
     from moepp_megatron.training.run_dir import RunDirLockedError
     from moepp_megatron.training.trainer import NonFiniteLossError, NonFiniteWeightsError
 
-    return (CheckpointError, DataFileError, NoCudaError, RunDirLockedError, NonFiniteLossError,
-            NonFiniteWeightsError)
+    return (CheckpointError, DataFileError, FileNotFoundError, NoCudaError, RunDirLockedError,
+            NonFiniteLossError, NonFiniteWeightsError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moepp-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, action="append",
+        help="run config YAML (see configs/, every field in docs/config.md); repeat to layer files, "
+             "later ones win",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=3e-4")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="check the config, print the plan (layout, parameters, FLOPs, memory per rank, "
+                           "data blend, run directory) and exit; starts no process")
+    mode.add_argument("--check", action="store_true",
+                      help="check the config and exit, printing only errors (scripts/pretrain.sh runs "
+                           "this before torchrun)")
+    mode.add_argument("--print-config", action="store_true",
+                      help="print the resolved config as YAML (every field) and exit")
+    parser.add_argument("--world-size", type=int,
+                        help="processes to plan for (default: WORLD_SIZE under torchrun; for --dry-run the "
+                             "smallest that fits the layout)")
+    parser.add_argument("--verbose", action="store_true", help="also print the resolved config at start")
+    return parser
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config", required=True, action="append",
-        help="run config YAML (see configs/); repeat to layer files, later ones win",
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if args.print_config:
+        print(resolved_config_yaml(resolve(config)), end="")
+        return 0
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (
+        smallest_world_size(config) if args.dry_run else 1)
+    plan = plan_run(config, world_size)
+    if args.check:
+        return 0
+    if args.dry_run:
+        print(describe(plan))
+        return 0
 
     from moepp_megatron.training.run_dir import stop_when_orphaned
     from moepp_megatron.training.trainer import Trainer
 
     # torchrun starts workers in sessions of their own: stop when it is gone.
     stop_when_orphaned(lambda: os.kill(os.getpid(), signal.SIGTERM))
-    trainer = Trainer(config)
-    trainer.metrics.print("resolved config:\n" + yaml.safe_dump(trainer.resolved_config, sort_keys=False))
+    trainer = Trainer(config, plan)
+    if args.verbose:
+        trainer.metrics.print("resolved config:\n" + resolved_config_yaml(trainer.config))
     return trainer.run()
 
 

@@ -21,12 +21,13 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from moepp_megatron.compat.cpu import cpu_mode_requested
-from moepp_megatron.config.loader import to_dict
+from moepp_megatron.config.loader import resolved_config_yaml, to_dict
+from moepp_megatron.files import write_durably
 from moepp_megatron.config.schema import RunConfig
-from moepp_megatron.data.blend import build_gpt_datasets, check_sources, resolve_sources
-from moepp_megatron.data.tokenizer import load_tokenizer, padded_vocab_size
+from moepp_megatron.data.blend import build_gpt_datasets
+from moepp_megatron.data.tokenizer import load_tokenizer
 from moepp_megatron.model.builder import build_model
+from moepp_megatron.model.size import format_count, peak_flops
 from moepp_megatron.moepp.config import dropless, has_capacity
 from moepp_megatron.moepp.statistics import (
     collect_aux_losses,
@@ -44,6 +45,8 @@ from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
 from moepp_megatron.training.metrics import MetricsLogger
 from moepp_megatron.training.optimizer import build_optimizer
+from moepp_megatron.training.plan import RunPlan, describe, plan_run
+from moepp_megatron.training.progress import Progress, format_duration, progress_text
 from moepp_megatron.training.resume import resume_report
 from moepp_megatron.training.run_dir import RunDirLock, RunDirLockedError, write_outcome
 from moepp_megatron.training.signals import stop_request
@@ -58,44 +61,6 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteWeightsError(RuntimeError):
     pass
-
-
-@dataclasses.dataclass
-class BatchGeometry:
-    global_batch_size: int  # sequences per optimizer step
-    micro_batch_size: int
-    num_microbatches: int  # per data-parallel rank
-    seq_length: int
-    train_iters: int
-
-
-def batch_geometry(config: RunConfig, data_parallel_size: int) -> BatchGeometry:
-    t, seq = config.training, config.model.seq_length
-    if t.global_batch_tokens % seq:
-        raise ValueError(
-            f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-            f"model.seq_length={seq}"
-        )
-    global_batch = t.global_batch_tokens // seq
-    per_step = t.micro_batch_size * data_parallel_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"training.global_batch_tokens gives {global_batch} sequences per step, not a "
-            f"multiple of micro_batch_size ({t.micro_batch_size}) x data-parallel size "
-            f"({data_parallel_size})"
-        )
-    if t.train_iters is not None:
-        if t.train_iters < 1:
-            raise ValueError(f"training.train_iters must be >= 1, got {t.train_iters}")
-        train_iters = t.train_iters
-    else:
-        train_iters = t.train_tokens // t.global_batch_tokens
-        if train_iters < 1:
-            raise ValueError(
-                f"training.train_tokens={t.train_tokens} is smaller than one global batch "
-                f"(training.global_batch_tokens={t.global_batch_tokens})"
-            )
-    return BatchGeometry(global_batch, t.micro_batch_size, global_batch // per_step, seq, train_iters)
 
 
 def wrap_for_training(
@@ -120,20 +85,13 @@ def use_deterministic_kernels() -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, plan: RunPlan | None = None) -> None:
+        """``plan``: :func:`plan_run` of ``config`` for this world size, made here if not given
+        (every check runs before any process group or accelerator is touched)."""
         stop_request.install()  # the entry point did already; a trainer built by a test may not
+        self.plan = plan or plan_run(config, int(os.environ.get("WORLD_SIZE", "1")))
+        config = self.config = self.plan.config
         self.run_dir = Path(config.run_dir)
-        # Fail on missing data before any process group or accelerator is touched.
-        check_sources(resolve_sources(config.data))
-        if cpu_mode_requested() and not config.parallel.cpu_mode:
-            # MOEPP_CPU_MODE=1 (scripts/pretrain.sh documents it) means parallel.cpu_mode.
-            config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, cpu_mode=True))
-        if config.data.cache_dir is None:
-            # megatron writes its sample/shuffle indices here, built once by rank 0.
-            config = dataclasses.replace(
-                config, data=dataclasses.replace(config.data, cache_dir=str(self.run_dir / "data_cache"))
-            )
-        self.config = config
         p = config.parallel
         if config.training.deterministic:
             use_deterministic_kernels()
@@ -144,15 +102,14 @@ class Trainer:
         self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
         self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
         self.lock = _lock_run_dir(self.run_dir, self.metrics)
-        self.geometry = batch_geometry(config, parallel_state.get_data_parallel_world_size())
+        self.metrics.print(describe(self.plan))
+        if self.is_logging_rank:
+            write_durably(self.run_dir / "config.yaml", resolved_config_yaml(config))
+        self.geometry = self.plan.geometry
         self.bf16 = config.bf16
-
-        tokenizer = load_tokenizer(config.data.tokenizer_model)
-        vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor, config.data.vocab_size_divisible_by)
-        self.model_config = dataclasses.replace(config.model, vocab_size=vocab)
+        self.model_config = config.model
         self.resolved_config = to_dict(dataclasses.replace(
-            config, model=self.model_config,
-            training=dataclasses.replace(config.training, bf16=self.bf16),
+            config, training=dataclasses.replace(config.training, bf16=self.bf16),
         ))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
         self.chunks = build_model(
@@ -176,7 +133,7 @@ class Trainer:
 
         g = self.geometry
         self.train_data, self.valid_data = build_gpt_datasets(
-            config.data, seq_length=g.seq_length, tokenizer=tokenizer,
+            config.data, seq_length=g.seq_length, tokenizer=load_tokenizer(config.data.tokenizer_model),
             train_samples=g.train_iters * g.global_batch_size,
             valid_samples=config.training.eval_iters * g.global_batch_size,
             test_samples=0, seed=config.seed if config.data.seed is None else config.data.seed,
@@ -389,11 +346,14 @@ class Trainer:
             )
 
     def run(self) -> int:
-        """Train to the end (exit code 0) or until a stop signal (EXIT_PREEMPTED), and tell
-        the launching script how it ended (``complete``, or ``stopped`` with a checkpoint)."""
+        """Train to the end (exit code 0) or until stopped early with a checkpoint
+        (EXIT_PREEMPTED), and tell the launching script how it ended (``complete`` or
+        ``stopped``). A launcher that reads the outcome gets exit code 0 for both: torchrun
+        turns a non-zero code into a failure report, which a stop is not."""
         try:
             code = self._train()
-            write_outcome("complete" if self.complete else "stopped")
+            if write_outcome("complete" if self.complete else "stopped"):
+                return 0
             return code
         finally:
             _close(self.train_iterator)
@@ -410,19 +370,25 @@ class Trainer:
             self.metrics.print(f"{stop_request.signal} arrived during start-up: stopping at iteration "
                                f"{self.state.iteration} before training")
             return EXIT_PREEMPTED
-        self.metrics.print(f"training {g.train_iters} iterations from {self.state.iteration}: "
-                           f"{g.global_batch_size} x {g.seq_length} tokens per step, "
-                           f"{g.num_microbatches} micro-batches of {g.micro_batch_size} per rank")
+        self.metrics.print(f"training iterations {self.state.iteration + 1} to {g.train_iters}")
         last_saved, since_log, job_start = self.state.iteration, 0, self.state.iteration
+        progress = Progress(
+            self.state.iteration, g.train_iters, g.global_batch_size * g.seq_length,
+            self.plan.training_flops_per_token, dist.get_world_size(),
+            peak_flops=None if cfg.parallel.cpu_mode else peak_flops(torch.cuda.get_device_name()),
+        )
+        valid, losses = None, []
         while self.state.iteration < g.train_iters:
             result = self.train_step()
             since_log += 1
             it = self.state.iteration
             if it % cfg.logging.interval == 0 or it == g.train_iters:
                 record = {**result, "consumed_tokens": self.state.consumed_samples * g.seq_length,
-                          **self._moe_metrics(since_log)}
+                          **progress.interval(it), **self._moe_metrics(since_log)}
                 self.metrics.log(it, record)
-                self.metrics.print(_summary_line(it, record))
+                self.metrics.print(_summary_line(it, g.train_iters, record))
+                if not record.get("skipped"):
+                    losses.append(record["lm_loss"])
                 since_log = 0
             if it % cfg.training.eval_interval == 0 or it == g.train_iters:
                 valid = self.evaluate()
@@ -437,11 +403,28 @@ class Trainer:
             if stop or (budget is not None and it - job_start >= budget):
                 if last_saved != it:
                     self.save()
-                self.metrics.print(f"stopping at iteration {it}" + (f" ({stop_request.signal})" if stop else ""))
-                return EXIT_PREEMPTED if stop else 0
+                why = stop_request.signal if stop else f"training.exit_after_iters={budget}"
+                self.metrics.print(f"stopping at iteration {it} ({why}); run the same command again to "
+                                   f"continue from the checkpoint")
+                return EXIT_PREEMPTED
         if last_saved != self.state.iteration:
             self.save()
+        self.metrics.print(self._end_of_run(progress, valid, losses))
         return 0
+
+    def _end_of_run(self, progress: Progress, valid: dict | None, losses: list[float]) -> str:
+        lines = [f"run complete: iteration {self.state.iteration} of {self.geometry.train_iters}, "
+                 f"{format_count(self.state.consumed_samples * self.geometry.seq_length)} tokens; this job "
+                 f"{format_duration(time.monotonic() - progress.started)}"]
+        if losses:
+            lines.append(f"  train lm loss   {losses[0]:.4f} -> {losses[-1]:.4f} (this job's first and last log)")
+        if valid:
+            lines.append("  validation      " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in valid.items()))
+        if self.state.skipped_nonfinite_steps:
+            lines.append(f"  skipped steps   {self.state.skipped_nonfinite_steps} (non-finite loss)")
+        lines += [f"  checkpoint      {self.checkpointer.directory} (iteration {self.state.iteration})",
+                  f"  metrics         {self.run_dir / 'metrics.jsonl'}; plots: moepp-plot {self.run_dir}"]
+        return "\n".join(lines)
 
 
 def _lock_run_dir(run_dir: Path, metrics: MetricsLogger) -> RunDirLock:
@@ -470,12 +453,14 @@ def _close(batches) -> None:
         iterator.close()
 
 
-def _summary_line(iteration: int, record: dict) -> str:
+def _summary_line(iteration: int, train_iters: int, record: dict) -> str:
     if record.get("skipped"):
         return f"iteration {iteration}: skipped (non-finite loss)"
     lb = record.get("load_balancing_loss", [])
+    width = len(str(train_iters))
     return (
-        f"iteration {iteration:6d} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
-        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-        f"lb loss {sum(lb) / max(len(lb), 1):.4f}"
+        f"iteration {iteration:{width}d}/{train_iters} | lm loss {record['lm_loss']:.4f} | "
+        f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
+        f"lb loss {sum(lb) / max(len(lb), 1):.4f} | {record['tokens_per_s']:.0f} tok/s | "
+        f"{progress_text(record)}"
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from moepp_megatron.config.schema import ModelConfig, OptimConfig, RunConfig, TrainingConfig
-from moepp_megatron.training.trainer import batch_geometry
+from moepp_megatron.training.plan import batch_geometry
 
 
 def _run(seq_length=2048, **training) -> RunConfig:

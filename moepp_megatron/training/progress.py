@@ -1,0 +1,64 @@
+"""What the training log says about progress: elapsed time, ETA, tokens consumed of the
+target, model TFLOP/s per process and, on GPUs with a known peak, MFU; and the end-of-run
+summary. Pure bookkeeping on numbers the trainer hands in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from moepp_megatron.model.size import format_count
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+@dataclass
+class Progress:
+    """Wall-clock progress of this job (a resumed run counts from its own start)."""
+
+    start_iteration: int
+    train_iters: int
+    tokens_per_step: int
+    # Model FLOPs of one training token, and the device's peak (None: no MFU).
+    flops_per_token: float
+    processes: int
+    peak_flops: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._last_time, self._last_iteration = self.started, self.start_iteration
+
+    def interval(self, iteration: int) -> dict:
+        """Metrics of the steps since the previous call (or the job's start)."""
+        now = time.monotonic()
+        steps = iteration - self._last_iteration
+        seconds_per_step = (now - self._last_time) / steps if steps else 0.0
+        self._last_time, self._last_iteration = now, iteration
+        tokens_per_s = self.tokens_per_step / seconds_per_step if seconds_per_step else 0.0
+        flops = self.flops_per_token * tokens_per_s / self.processes
+        metrics = {
+            "elapsed_s": now - self.started,
+            "eta_s": (self.train_iters - iteration) * seconds_per_step,
+            "target_tokens": self.train_iters * self.tokens_per_step,
+            "model_tflops_per_s": flops / 1e12,
+        }
+        if self.peak_flops:
+            metrics["mfu"] = flops / self.peak_flops
+        return metrics
+
+
+def progress_text(record: dict) -> str:
+    """The progress half of a log line."""
+    text = (f"{format_count(record['consumed_tokens'])}/{format_count(record['target_tokens'])} tokens | "
+            f"{record['model_tflops_per_s']:.3g} TFLOP/s")
+    if "mfu" in record:
+        text += f" | MFU {record['mfu']:.1%}"
+    return (text + f" | elapsed {format_duration(record['elapsed_s'])} | "
+            f"ETA {format_duration(record['eta_s'])}")
