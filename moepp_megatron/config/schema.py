@@ -144,6 +144,15 @@ class ModelConfig:
             "model.num_query_groups",
             f"{groups} does not divide num_attention_heads={self.num_attention_heads}",
         )
+        freq = self.moe.layer_freq
+        if isinstance(freq, list):
+            _require(
+                len(freq) == self.num_layers and set(freq) <= {0, 1},
+                "model.moe.layer_freq",
+                f"a list needs one 0/1 per layer ({self.num_layers}), got {freq}",
+            )
+        else:
+            _require(freq >= 1, "model.moe.layer_freq", f"must be >= 1, got {freq}")
 
 
 @dataclass
