@@ -42,7 +42,7 @@ from moepp_megatron.training.checkpointing import (
 )
 from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
-from moepp_megatron.training.metrics import MetricsLogger
+from moepp_megatron.training.metrics import MetricsLogger, layer_key
 from moepp_megatron.training.optimizer import build_optimizer
 from moepp_megatron.training.resume import resume_report
 from moepp_megatron.training.run_dir import RunDirLock, RunDirLockedError, write_outcome
@@ -341,24 +341,23 @@ class Trainer:
 
     def _moe_metrics(self, steps: int) -> dict:
         scale = 1.0 / (steps * self.geometry.num_microbatches)
-        aux = {
-            name: [v * scale for v in values]
-            for name, values in collect_aux_losses(self.chunks[0].config).items()
-        }
+        aux = collect_aux_losses(self.chunks[0].config)
         stats = collect_routing_statistics(
             self.chunks,
             reduce_group=routing_statistics_group(self.chunks[0].config),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
+        # Every per-layer metric keyed by layer_number, for the MoE layers only (the aux-loss
+        # lists hold every layer, indexed from 0).
         return {
-            **aux,
+            **{
+                name: {layer_key(s.layer): values[s.layer - 1] * scale for s in stats}
+                for name, values in aux.items()
+            },
             "routing": {
-                f"layer_{s.layer}": {
-                    "ffn_experts_per_token": s.ffn_experts_per_token,
-                    "zc_share": s.zc_share,
-                    "picked_ffn_experts_per_token": s.picked_ffn_experts_per_token,
-                    "picked_zc_share": s.picked_zc_share,
-                    "ffn_load_imbalance": s.ffn_load_imbalance,
+                layer_key(s.layer): {
+                    "picked": dataclasses.asdict(s.picked),
+                    "kept": dataclasses.asdict(s.kept),
                     "dropped_fraction": s.dropped_fraction,
                 }
                 for s in stats
@@ -473,7 +472,7 @@ def _close(batches) -> None:
 def _summary_line(iteration: int, record: dict) -> str:
     if record.get("skipped"):
         return f"iteration {iteration}: skipped (non-finite loss)"
-    lb = record.get("load_balancing_loss", [])
+    lb = list(record.get("load_balancing_loss", {}).values())
     return (
         f"iteration {iteration:6d} | lm loss {record['lm_loss']:.4f} | lr {record['lr']:.3e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
