@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from moepp_megatron.known_warnings import ignore_known_warnings
+from moepp_megatron.training.metrics import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 BLEND = {"reference": 0.5, "library": 0.3, "builtins": 0.2}
@@ -92,7 +93,7 @@ def train(nproc: int, overrides: list[str]) -> str:
 
 
 def summarize(run_dir: Path, seconds: float) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     train = [r for r in records if "lm_loss" in r]
     valid = [(r["iteration"], r["valid"]["lm_loss"]) for r in records if "valid" in r]
     last = train[-1]
@@ -101,12 +102,20 @@ def summarize(run_dir: Path, seconds: float) -> None:
     print(f"train lm loss        {train[0]['lm_loss']:.3f} (iteration {train[0]['iteration']}) -> "
           f"{last['lm_loss']:.3f} (iteration {last['iteration']})")
     print("validation lm loss   " + ", ".join(f"{v:.3f} @ {i}" for i, v in valid))
+    print(f"routing at iteration {last['iteration']}: picked = what the router chose, "
+          f"kept = what ran after the capacity limit")
     for layer, stats in last["routing"].items():
-        zc = ", ".join(f"{kind} {share:.0%}" for kind, share in stats["zc_share"].items())
-        print(f"{layer:20s} {stats['ffn_experts_per_token']:.2f} FFN experts/token | ZC slots: {zc} | "
-              f"FFN load max/mean {stats['ffn_load_imbalance']:.2f} | dropped {stats['dropped_fraction']:.1%}")
+        print(f"{layer:8s} picked {_routing_summary(stats['picked'])}")
+        print(f"{'':8s} kept   {_routing_summary(stats['kept'])} | dropped {stats['dropped_fraction']:.1%}")
     print(f"checkpoints          {run_dir / 'checkpoints'}")
-    print(f"metrics              {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+    print(f"metrics              {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'}; "
+          f"plots: moepp-plot {run_dir})")
+
+
+def _routing_summary(shares: dict) -> str:
+    zc = ", ".join(f"{kind} {share:.0%}" for kind, share in shares["zc_share"].items())
+    return (f"{shares['ffn_experts_per_token']:.2f} FFN experts/token | ZC slots: {zc or 'none'} | "
+            f"FFN load max/mean {shares['ffn_load_imbalance']:.2f}")
 
 
 def main(argv=None) -> int:

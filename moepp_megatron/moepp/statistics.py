@@ -25,20 +25,27 @@ from moepp_megatron.moepp.counters import RoutingCounters
 
 
 @dataclass
-class LayerRoutingStats:
-    layer: int
-    tokens: int
-    # Average number of FFN experts that actually processed a token (after dropping).
+class RoutingShares:
+    """One side of a layer's routing: what the router picked (before capacity dropping) or
+    what was kept (after it). The same fields for both, so each can be read against the other."""
+
+    # Average number of FFN experts per token.
     ffn_experts_per_token: float
-    # Share of all top-k slots (tokens * k) kept by each ZC expert type (none for vanilla).
+    # Share of all top-k slots (tokens * k) taken by each ZC expert type (none for vanilla).
     zc_share: dict[str, float]
-    # The same two before capacity dropping (what the router picked).
-    picked_ffn_experts_per_token: float
-    picked_zc_share: dict[str, float]
-    # Kept assignments per expert (router column order) over all kept assignments.
+    # Share of all top-k slots taken by each expert, in router column order (kept shares
+    # sum to 1 - dropped fraction; compare with an expert's capacity as a share of slots).
     expert_load: list[float]
     # max / mean load over the FFN experts (1.0 = perfectly balanced).
     ffn_load_imbalance: float
+
+
+@dataclass
+class LayerRoutingStats:
+    layer: int  # megatron's layer_number: 1-based, over the whole model
+    tokens: int
+    picked: RoutingShares
+    kept: RoutingShares
     # Fraction of picked assignments dropped by the capacity limit.
     dropped_fraction: float
 
@@ -76,30 +83,32 @@ def collect_routing_statistics(
 
 
 def _summarise(router: RoutingCounters, counts: torch.Tensor) -> LayerRoutingStats:
-    num_ffn = router.num_ffn_experts
     num_experts = (counts.numel() - 1) // 2
-    tokens = counts[0]
+    tokens = counts[0].item()
     picked, kept = counts[1 : 1 + num_experts], counts[1 + num_experts :]
-    slots = max(tokens.item() * router.topk, 1.0)
-
-    def zc_share(assignments: torch.Tensor) -> dict[str, float]:
-        share, start = {}, num_ffn
-        for kind, count in router.zc_experts:
-            share[kind] = assignments[start : start + count].sum().item() / slots
-            start += count
-        return share
-
-    ffn_kept = kept[:num_ffn]
     return LayerRoutingStats(
         layer=router.layer_number,
-        tokens=int(tokens.item()),
-        ffn_experts_per_token=ffn_kept.sum().item() / max(tokens.item(), 1.0),
-        zc_share=zc_share(kept),
-        picked_ffn_experts_per_token=picked[:num_ffn].sum().item() / max(tokens.item(), 1.0),
-        picked_zc_share=zc_share(picked),
-        expert_load=(kept / kept.sum().clamp_min(1.0)).tolist(),
-        ffn_load_imbalance=(ffn_kept.max() / ffn_kept.mean().clamp_min(1e-9)).item(),
+        tokens=int(tokens),
+        picked=_shares(router, picked, tokens),
+        kept=_shares(router, kept, tokens),
         dropped_fraction=((picked - kept).sum() / picked.sum().clamp_min(1.0)).item(),
+    )
+
+
+def _shares(router: RoutingCounters, assignments: torch.Tensor, tokens: float) -> RoutingShares:
+    """``assignments``: count per expert (router column order) over ``tokens`` tokens."""
+    num_ffn = router.num_ffn_experts
+    slots = max(tokens * router.topk, 1.0)
+    zc_share, start = {}, num_ffn
+    for kind, count in router.zc_experts:
+        zc_share[kind] = assignments[start : start + count].sum().item() / slots
+        start += count
+    ffn = assignments[:num_ffn]
+    return RoutingShares(
+        ffn_experts_per_token=ffn.sum().item() / max(tokens, 1.0),
+        zc_share=zc_share,
+        expert_load=(assignments / slots).tolist(),
+        ffn_load_imbalance=(ffn.max() / ffn.mean().clamp_min(1e-9)).item(),
     )
 
 

@@ -26,6 +26,7 @@ from moepp_megatron.config.loader import load_config
 from moepp_megatron.parallel.initialize import free_port
 from moepp_megatron.study.config import StudyConfig
 from moepp_megatron.study.corpus import Corpus, build_corpus
+from moepp_megatron.training.metrics import read_metrics
 
 DONE = "done.json"
 # Routing statistics are averaged over the logged records of the last quarter of training.
@@ -110,27 +111,11 @@ def data_fingerprint(run_dir: Path) -> str:
 
 def summarise(run: Run, tokens_per_step: int) -> dict:
     """Curves and statistics of a finished run, from its metrics.jsonl."""
-    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run.run_dir)
     train = [r for r in records if "lm_loss" in r and "valid" not in r]
     valid = [r for r in records if "valid" in r]
     last = train[-max(1, int(len(train) * FINAL_SHARE)):]
-    layers = sorted(last[0].get("routing", {}), key=lambda name: int(name.split("_")[1]))
-
-    def mean(values) -> float:
-        return statistics.fmean(values)
-
-    routing = {
-        layer: {
-            key: mean(r["routing"][layer][key] for r in last)
-            for key in ("ffn_experts_per_token", "picked_ffn_experts_per_token", "dropped_fraction",
-                        "ffn_load_imbalance")
-        } | {
-            share: {kind: mean(r["routing"][layer][share][kind] for r in last)
-                    for kind in last[0]["routing"][layer][share]}
-            for share in ("zc_share", "picked_zc_share")
-        }
-        for layer in layers
-    }
+    routing = {layer: _mean([r["routing"][layer] for r in last]) for layer in last[0].get("routing", {})}
     step_times = [r["step_cpu_time_s"] for r in train[len(train) // 10:]]
     final = valid[-1]["valid"]
     return {
@@ -144,12 +129,23 @@ def summarise(run: Run, tokens_per_step: int) -> dict:
         "final_valid_loss": final["lm_loss"],
         "final_valid_loss_dropless": final.get("lm_loss_dropless"),
         "routing": routing,
-        "ffn_experts_per_token": mean(v["ffn_experts_per_token"] for v in routing.values()),
-        "picked_ffn_experts_per_token": mean(v["picked_ffn_experts_per_token"] for v in routing.values()),
-        "dropped_fraction": mean(v["dropped_fraction"] for v in routing.values()),
+        "ffn_experts_per_token": statistics.fmean(v["kept"]["ffn_experts_per_token"] for v in routing.values()),
+        "picked_ffn_experts_per_token": statistics.fmean(
+            v["picked"]["ffn_experts_per_token"] for v in routing.values()),
+        "dropped_fraction": statistics.fmean(v["dropped_fraction"] for v in routing.values()),
         "step_cpu_time_s": statistics.median(step_times),
         "tokens": train[-1]["consumed_tokens"],
     }
+
+
+def _mean(trees: list):
+    """Element-wise mean of equally shaped nests of dicts, lists and numbers."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {key: _mean([tree[key] for tree in trees]) for key in first}
+    if isinstance(first, list):
+        return [_mean(list(column)) for column in zip(*trees)]
+    return statistics.fmean(trees)
 
 
 def with_ratios(results: list[dict], reference: str) -> list[dict]:

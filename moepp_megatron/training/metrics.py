@@ -1,5 +1,12 @@
 """Where training metrics go: stdout, ``metrics.jsonl`` in the run directory, TensorBoard,
-and Weights & Biases (offline by default). Only the logging rank writes."""
+and Weights & Biases (offline by default). Only the logging rank writes. :func:`read_metrics`
+reads ``metrics.jsonl`` back, in today's layout also when an older version wrote it.
+
+Per-layer metrics are keyed ``layer_1`` ... ``layer_L`` (:func:`layer_key`) in every record
+and tag: megatron's ``layer_number``, 1-based over the whole model, the number the MoE
+layers and megatron's aux-loss tracker know themselves by. Layer ``layer_n`` holds the
+weights ``decoder.layers.{n-1}`` (HF: ``model.layers.{n-1}``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from moepp_megatron.config.schema import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+AUX_LOSSES = ("load_balancing_loss", "z_loss")
+
+
+def layer_key(layer_number: int) -> str:
+    return f"layer_{layer_number}"
 
 
 class MetricsLogger:
@@ -30,7 +44,7 @@ class MetricsLogger:
             return
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS_FILE
         _drop_records_after(path, start_iteration)
         self.jsonl = open(path, "a")
         if cfg.tensorboard:
@@ -77,6 +91,45 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir``'s metrics.jsonl, in today's layout."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a moepp-train run directory, or nothing logged yet")
+    # Every record ends with a newline: text after the last one is a record a live run is
+    # writing (or a crash cut).
+    lines = path.read_text().split("\n")[:-1]
+    return [_current_layout(json.loads(line)) for line in lines]
+
+
+def _current_layout(record: dict) -> dict:
+    """Records written before per-layer metrics were keyed by layer (aux losses were lists
+    indexed from 0) and before routing was split into picked / kept, converted."""
+    record = dict(record)
+    for name in AUX_LOSSES:
+        if isinstance(record.get(name), list):
+            record[name] = {layer_key(index + 1): value for index, value in enumerate(record[name])}
+    if "routing" in record:
+        record["routing"] = {layer: current_routing(stats) for layer, stats in record["routing"].items()}
+    return record
+
+
+def current_routing(stats: dict) -> dict:
+    """A layer's routing statistics in today's layout: ``picked`` and ``kept`` with the same
+    fields, and ``dropped_fraction``. Older layouts (the kept statistics unprefixed, the
+    picked ones prefixed ``picked_``; no per-expert loads, no picked load imbalance), as in
+    old metrics.jsonl files and study records, are converted."""
+    if "kept" in stats:
+        return stats
+    return {
+        "picked": {"ffn_experts_per_token": stats["picked_ffn_experts_per_token"],
+                   "zc_share": stats["picked_zc_share"]},
+        "kept": {"ffn_experts_per_token": stats["ffn_experts_per_token"], "zc_share": stats["zc_share"],
+                 "ffn_load_imbalance": stats["ffn_load_imbalance"]},
+        "dropped_fraction": stats["dropped_fraction"],
+    }
 
 
 def _drop_records_after(path: Path, iteration: int) -> None:

@@ -26,23 +26,23 @@ class Progress:
     start_iteration: int
     train_iters: int
     tokens_per_step: int
-    # Model FLOPs of one training token, and the device's peak (None: no MFU).
-    flops_per_token: float
     processes: int
+    # The device's peak FLOP/s (None: no MFU).
     peak_flops: float | None = None
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
 
     def __post_init__(self) -> None:
         self._last_time, self._last_iteration = self.started, self.start_iteration
 
-    def interval(self, iteration: int) -> dict:
-        """Metrics of the steps since the previous call (or the job's start)."""
+    def interval(self, iteration: int, flops_per_token: float) -> dict:
+        """Metrics of the steps since the previous call (or the job's start), given the
+        model FLOPs of one training token."""
         now = time.monotonic()
         steps = iteration - self._last_iteration
         seconds_per_step = (now - self._last_time) / steps if steps else 0.0
         self._last_time, self._last_iteration = now, iteration
         tokens_per_s = self.tokens_per_step / seconds_per_step if seconds_per_step else 0.0
-        flops = self.flops_per_token * tokens_per_s / self.processes
+        flops = flops_per_token * tokens_per_s / self.processes
         metrics = {
             "elapsed_s": now - self.started,
             "eta_s": (self.train_iters - iteration) * seconds_per_step,

@@ -27,7 +27,7 @@ from moepp_megatron.config.schema import RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets
 from moepp_megatron.data.tokenizer import load_tokenizer
 from moepp_megatron.model.builder import build_model
-from moepp_megatron.model.size import format_count, peak_flops
+from moepp_megatron.model.size import format_count, peak_flops, training_flops_per_token
 from moepp_megatron.moepp.config import dropless, has_capacity
 from moepp_megatron.moepp.statistics import (
     collect_aux_losses,
@@ -43,7 +43,7 @@ from moepp_megatron.training.checkpointing import (
 )
 from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
-from moepp_megatron.training.metrics import MetricsLogger
+from moepp_megatron.training.metrics import MetricsLogger, layer_key
 from moepp_megatron.training.optimizer import build_optimizer
 from moepp_megatron.training.plan import RunPlan, describe, plan_run
 from moepp_megatron.training.progress import Progress, format_duration, progress_text
@@ -298,29 +298,35 @@ class Trainer:
 
     def _moe_metrics(self, steps: int) -> dict:
         scale = 1.0 / (steps * self.geometry.num_microbatches)
-        aux = {
-            name: [v * scale for v in values]
-            for name, values in collect_aux_losses(self.chunks[0].config).items()
-        }
+        aux = collect_aux_losses(self.chunks[0].config)
         stats = collect_routing_statistics(
             self.chunks,
             reduce_group=routing_statistics_group(self.chunks[0].config),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
+        # Every per-layer metric keyed by layer_number, for the MoE layers only (the aux-loss
+        # lists hold every layer, indexed from 0).
         return {
-            **aux,
+            **{
+                name: {layer_key(s.layer): values[s.layer - 1] * scale for s in stats}
+                for name, values in aux.items()
+            },
             "routing": {
-                f"layer_{s.layer}": {
-                    "ffn_experts_per_token": s.ffn_experts_per_token,
-                    "zc_share": s.zc_share,
-                    "picked_ffn_experts_per_token": s.picked_ffn_experts_per_token,
-                    "picked_zc_share": s.picked_zc_share,
-                    "ffn_load_imbalance": s.ffn_load_imbalance,
+                layer_key(s.layer): {
+                    "picked": dataclasses.asdict(s.picked),
+                    "kept": dataclasses.asdict(s.kept),
                     "dropped_fraction": s.dropped_fraction,
                 }
                 for s in stats
             },
         }
+
+    def _measured_flops_per_token(self, moe_metrics: dict) -> float:
+        """Training model FLOPs per token with the FFN experts that really ran (after
+        capacity dropping), averaged over the MoE layers."""
+        kept = [layer["kept"]["ffn_experts_per_token"] for layer in moe_metrics["routing"].values()]
+        measured = sum(kept) / len(kept) if kept else None
+        return training_flops_per_token(self.config.model, self.config.parallel, measured)
 
     def save(self) -> None:
         self._check_weights_finite()
@@ -373,8 +379,7 @@ class Trainer:
         self.metrics.print(f"training iterations {self.state.iteration + 1} to {g.train_iters}")
         last_saved, since_log, job_start = self.state.iteration, 0, self.state.iteration
         progress = Progress(
-            self.state.iteration, g.train_iters, g.global_batch_size * g.seq_length,
-            self.plan.training_flops_per_token, dist.get_world_size(),
+            self.state.iteration, g.train_iters, g.global_batch_size * g.seq_length, dist.get_world_size(),
             peak_flops=None if cfg.parallel.cpu_mode else peak_flops(torch.cuda.get_device_name()),
         )
         valid, losses = None, []
@@ -383,8 +388,9 @@ class Trainer:
             since_log += 1
             it = self.state.iteration
             if it % cfg.logging.interval == 0 or it == g.train_iters:
+                moe = self._moe_metrics(since_log)
                 record = {**result, "consumed_tokens": self.state.consumed_samples * g.seq_length,
-                          **progress.interval(it), **self._moe_metrics(since_log)}
+                          **progress.interval(it, self._measured_flops_per_token(moe)), **moe}
                 self.metrics.log(it, record)
                 self.metrics.print(_summary_line(it, g.train_iters, record))
                 if not record.get("skipped"):
@@ -456,7 +462,7 @@ def _close(batches) -> None:
 def _summary_line(iteration: int, train_iters: int, record: dict) -> str:
     if record.get("skipped"):
         return f"iteration {iteration}: skipped (non-finite loss)"
-    lb = record.get("load_balancing_loss", [])
+    lb = list(record.get("load_balancing_loss", {}).values())
     width = len(str(train_iters))
     return (
         f"iteration {iteration:{width}d}/{train_iters} | lm loss {record['lm_loss']:.4f} | "

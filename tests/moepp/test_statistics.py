@@ -25,22 +25,23 @@ def test_statistics_match_reference_counts(single_process):
     (stats,) = collect_routing_statistics(layer)
 
     assert stats.layer == 1 and stats.tokens == tokens
-    assert stats.ffn_experts_per_token == kept[:, :4].sum().item() / tokens
-    # Columns: 4 FFN, then 2 constant, 1 copy, 1 zero.
-    slots = tokens * 2
-    assert stats.zc_share == {
-        "constant": kept[:, 4:6].sum().item() / slots,
-        "copy": kept[:, 6].sum().item() / slots,
-        "zero": kept[:, 7].sum().item() / slots,
-    }
-    assert stats.picked_ffn_experts_per_token == picked[:, :4].sum().item() / tokens
-    assert stats.picked_zc_share["zero"] == picked[:, 7].sum().item() / slots
-    torch.testing.assert_close(
-        torch.tensor(stats.expert_load, dtype=torch.float64), kept.sum(0) / kept.sum()
-    )
     assert 0 < stats.dropped_fraction == (picked.sum() - kept.sum()).item() / picked.sum().item()
-    ffn_load = kept[:, :4].sum(0)
-    assert stats.ffn_load_imbalance == (ffn_load.max() / ffn_load.mean()).item()
+    # Columns: 4 FFN, then 2 constant, 1 copy, 1 zero. The same statistics before dropping
+    # (picked) and after it (kept).
+    slots = tokens * 2
+    for shares, mask in ((stats.picked, picked), (stats.kept, kept)):
+        assert shares.ffn_experts_per_token == mask[:, :4].sum().item() / tokens
+        assert shares.zc_share == {
+            "constant": mask[:, 4:6].sum().item() / slots,
+            "copy": mask[:, 6].sum().item() / slots,
+            "zero": mask[:, 7].sum().item() / slots,
+        }
+        torch.testing.assert_close(torch.tensor(shares.expert_load, dtype=torch.float64), mask.sum(0) / slots)
+        ffn_load = mask[:, :4].sum(0)
+        assert shares.ffn_load_imbalance == (ffn_load.max() / ffn_load.mean()).item()
+    # Capacity 0.8 drops: the kept FFN load is flatter than the picked one.
+    assert stats.kept.ffn_experts_per_token < stats.picked.ffn_experts_per_token
+    assert stats.kept.ffn_load_imbalance < stats.picked.ffn_load_imbalance
     # Reading resets the counters; eval forwards do not count.
     layer.eval()
     with torch.no_grad():
@@ -63,7 +64,8 @@ def test_vanilla_statistics_match_reference_counts(single_process):
 
     (stats,) = collect_routing_statistics(layer)
 
-    assert stats.tokens == tokens and stats.zc_share == {} == stats.picked_zc_share
-    assert stats.picked_ffn_experts_per_token == 2.0
-    assert stats.ffn_experts_per_token == kept.sum().item() / tokens < 2.0
+    assert stats.tokens == tokens and stats.kept.zc_share == {} == stats.picked.zc_share
+    assert stats.picked.ffn_experts_per_token == 2.0
+    assert stats.kept.ffn_experts_per_token == kept.sum().item() / tokens < 2.0
+    torch.testing.assert_close(torch.tensor(stats.picked.expert_load, dtype=torch.float64), picked.sum(0) / (tokens * 2))
     assert stats.dropped_fraction == (picked.sum() - kept.sum()).item() / picked.sum().item()

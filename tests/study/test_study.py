@@ -58,10 +58,10 @@ def test_quick_study_end_to_end(tmp_path):
         assert sorted(layers) == ["layer_1", "layer_2"]
         if run["variant"] == "vanilla":
             assert run["expert_compute_ratio"] == run["step_time_ratio"] == 1.0
-            assert all(layer["zc_share"] == {} for layer in layers.values())
+            assert all(layer[when]["zc_share"] == {} for layer in layers.values() for when in ("picked", "kept"))
             assert run["picked_ffn_experts_per_token"] == 2.0
         else:
-            assert all(set(layer["zc_share"]) == {"constant", "copy", "zero"} for layer in layers.values())
+            assert all(set(layer["kept"]["zc_share"]) == {"constant", "copy", "zero"} for layer in layers.values())
             assert run["picked_ffn_experts_per_token"] < 2.0
     # The two seeds differ (model seed), the data does not.
     assert runs[0]["final_valid_loss"] != runs[1]["final_valid_loss"]

@@ -1,31 +1,23 @@
 """What a run logs: ``metrics.jsonl`` (one strict-JSON object per logged step and per
 validation), TensorBoard event files, and a Weights & Biases offline run, for a 4-iteration
-2-rank ``moepp-train`` job logging every iteration and validating every 2."""
+2-rank ``moepp-train`` job logging every iteration and validating every 2 (``logged_run``);
+and reading metrics.jsonl back, also as older versions wrote it."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
-from tests.distributed import run_distributed
-from tests.training.runs import metric_records, run_config_writer, train_rank
+from moepp_megatron.training.metrics import read_metrics
+from tests.training.runs import metric_records
 
 NUM_LAYERS, TOPK, TOKENS_PER_STEP = 4, 2, 512
+LAYERS = [f"layer_{i}" for i in range(1, NUM_LAYERS + 1)]
 LR, MIN_LR, WARMUP_INIT_LR = 3e-3, 3e-4, 1e-7
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_data, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("metrics")
-    config = run_config_writer(tiny_data, directory)(
-        "logged", training={"train_iters": 4, "eval_interval": 2},
-        logging={"interval": 1, "tensorboard": True, "wandb": True, "wandb_mode": "offline"},
-    )
-    assert run_distributed(train_rank, 2, str(config), []) == [0, 0]
-    return directory / "logged"
 
 
 def _train(run_dir) -> dict[int, dict]:
@@ -33,8 +25,8 @@ def _train(run_dir) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_one_record_per_step_with_loss_lr_and_throughput(run_dir):
-    train = _train(run_dir)
+def test_one_record_per_step_with_loss_lr_and_throughput(logged_run):
+    train = _train(logged_run)
     assert sorted(train) == [1, 2, 3, 4]
     for iteration, record in train.items():
         assert record["consumed_tokens"] == iteration * TOKENS_PER_STEP
@@ -47,54 +39,65 @@ def test_one_record_per_step_with_loss_lr_and_throughput(run_dir):
 
 
 @pytest.mark.slow
-def test_moe_losses_and_routing_statistics_per_layer(run_dir):
-    for record in _train(run_dir).values():
+def test_moe_losses_and_routing_statistics_per_layer(logged_run):
+    for record in _train(logged_run).values():
         balance = record["load_balancing_loss"]
-        assert len(balance) == NUM_LAYERS and all(0 < value < 1 for value in balance)
-        assert sorted(record["routing"]) == [f"layer_{i}" for i in range(1, NUM_LAYERS + 1)]
+        assert list(balance) == LAYERS and all(0 < value < 1 for value in balance.values())
+        assert list(record["routing"]) == LAYERS
         for layer in record["routing"].values():
-            assert sorted(layer["zc_share"]) == ["constant", "copy", "zero"]
-            assert 0 < layer["ffn_experts_per_token"] <= TOPK
-            assert layer["ffn_load_imbalance"] >= 1.0
-            assert 0 <= layer["dropped_fraction"] < 1
-            # Every top-k slot went to an FFN expert, to a ZC expert, or was dropped.
-            slots = layer["ffn_experts_per_token"] / TOPK + sum(layer["zc_share"].values())
-            assert slots + layer["dropped_fraction"] == pytest.approx(1.0, abs=1e-6)
+            picked, kept, dropped = layer["picked"], layer["kept"], layer["dropped_fraction"]
+            assert set(picked) == set(kept) == {"ffn_experts_per_token", "zc_share", "expert_load", "ffn_load_imbalance"}
+            assert 0 <= dropped < 1
+            for side, share_of_slots in ((picked, 1.0), (kept, 1.0 - dropped)):
+                # Columns: 4 FFN experts, 2 constant, 1 copy, 1 zero.
+                load = side["expert_load"]
+                assert len(load) == 8 and sum(load) == pytest.approx(share_of_slots, abs=1e-6)
+                assert side["ffn_experts_per_token"] == pytest.approx(sum(load[:4]) * TOPK, abs=1e-6)
+                assert side["zc_share"] == pytest.approx({"constant": load[4] + load[5], "copy": load[6], "zero": load[7]})
+                assert side["ffn_load_imbalance"] == pytest.approx(max(load[:4]) / (sum(load[:4]) / 4))
+            # Dropping only removes assignments.
+            assert all(k <= p for k, p in zip(kept["expert_load"], picked["expert_load"]))
 
 
 @pytest.mark.slow
-def test_validation_records(run_dir):
-    valid = [r for r in metric_records(run_dir) if "valid" in r]
+def test_validation_records(logged_run):
+    valid = [r for r in metric_records(logged_run) if "valid" in r]
     assert [r["iteration"] for r in valid] == [2, 4]
     assert all(set(r) == {"iteration", "valid"} and math.isfinite(r["valid"]["lm_loss"]) for r in valid)
     assert valid[1]["valid"]["lm_loss"] < valid[0]["valid"]["lm_loss"]
 
 
 @pytest.mark.slow
-def test_tensorboard_scalars_match_the_jsonl(run_dir):
+def test_tensorboard_scalars_match_the_jsonl(logged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(logged_run / "tensorboard"))
     events.Reload()
     scalars = lambda tag: {e.step: e.value for e in events.Scalars(tag)}
-    train, valid = _train(run_dir), {r["iteration"]: r["valid"] for r in metric_records(run_dir) if "valid" in r}
+    train, valid = _train(logged_run), {r["iteration"]: r["valid"] for r in metric_records(logged_run) if "valid" in r}
     # TensorBoard stores float32.
     assert scalars("train/lm_loss") == {it: np.float32(r["lm_loss"]) for it, r in train.items()}
     assert scalars("valid/lm_loss") == {it: np.float32(v["lm_loss"]) for it, v in valid.items()}
-    assert scalars("train/routing/layer_3/zc_share/copy") == {
-        it: np.float32(r["routing"]["layer_3"]["zc_share"]["copy"]) for it, r in train.items()
-    }
-    assert scalars("train/load_balancing_loss/1")[2] == np.float32(train[2]["load_balancing_loss"][1])
+    assert scalars("valid/lm_loss_dropless") == {it: np.float32(v["lm_loss_dropless"]) for it, v in valid.items()}
+    for when in ("picked", "kept"):
+        assert scalars(f"train/routing/layer_3/{when}/zc_share/copy") == {
+            it: np.float32(r["routing"]["layer_3"][when]["zc_share"]["copy"]) for it, r in train.items()
+        }
+    assert scalars("train/load_balancing_loss/layer_2")[2] == np.float32(train[2]["load_balancing_loss"]["layer_2"])
+    # One layer numbering in every tag, the jsonl's.
+    tags = events.Tags()["scalars"]
+    assert {part for tag in tags for part in tag.split("/") if re.fullmatch(r"layer_\d+", part)} == set(LAYERS)
+    assert not [tag for tag in tags if tag.startswith("train/load_balancing_loss/") and "layer_" not in tag]
 
 
 @pytest.mark.slow
-def test_wandb_offline_run(run_dir):
-    (run,) = (run_dir / "wandb").glob("offline-run-*")
+def test_wandb_offline_run(logged_run):
+    (run,) = (logged_run / "wandb").glob("offline-run-*")
     (records,) = run.glob("run-*.wandb")
     data = records.read_bytes()
     # The history records hold the metric names and their JSON values as plain text.
     assert b"train/lm_loss" in data and b"valid/lm_loss" in data
-    for record in _train(run_dir).values():
+    for record in _train(logged_run).values():
         assert json.dumps(record["lm_loss"]).encode() in data
     assert b"num_ffn_experts" in data  # the run config
 
@@ -129,3 +132,25 @@ def test_a_resumed_run_drops_the_rolled_back_records(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/lm_loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_older_records_are_read_in_todays_layout(tmp_path):
+    """Records as written before per-layer metrics were keyed by layer number and routing
+    was split into picked / kept; a last line a live run is still writing is left out."""
+    old = {
+        "iteration": 10, "lm_loss": 8.8, "load_balancing_loss": [0.15, 0.16],
+        "routing": {f"layer_{n}": {
+            "ffn_experts_per_token": 1.15, "zc_share": {"zero": 0.06}, "picked_ffn_experts_per_token": 1.33,
+            "picked_zc_share": {"zero": 0.07}, "ffn_load_imbalance": 1.14, "dropped_fraction": 0.09,
+        } for n in (1, 2)},
+    }
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n" + '{"iteration": 11, "lm_lo')
+
+    (record,) = read_metrics(tmp_path)
+
+    assert record["load_balancing_loss"] == {"layer_1": 0.15, "layer_2": 0.16}
+    assert record["routing"]["layer_2"] == {
+        "picked": {"ffn_experts_per_token": 1.33, "zc_share": {"zero": 0.07}},
+        "kept": {"ffn_experts_per_token": 1.15, "zc_share": {"zero": 0.06}, "ffn_load_imbalance": 1.14},
+        "dropped_fraction": 0.09,
+    }
