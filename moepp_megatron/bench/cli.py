@@ -19,10 +19,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from moepp_megatron.bench import comm, expert_layer, layer, overhead, startup, train
-from moepp_megatron.bench.measure import clock_name, resolve_device
+from moepp_megatron.bench.presets import PRESETS, TAUS
 from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, REPO_ROOT, write_record
 from moepp_megatron.bench.report import update_readme
 
@@ -68,27 +65,27 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layer", help="one MoE++ layer vs one vanilla MoE layer")
     common(p)
-    p.add_argument("--models", type=_csv(str), default=list(expert_layer.PRESETS))
-    p.add_argument("--taus", type=_csv(float), default=list(layer.TAUS))
+    p.add_argument("--models", type=_csv(str), default=list(PRESETS))
+    p.add_argument("--taus", type=_csv(float), default=list(TAUS))
     p.add_argument("--tokens", type=int, help="tokens per step (default 2048 on CPU, 16384 on GPU)")
 
     p = sub.add_parser("overhead", help="share of routing and ZC experts in the MoE++ layer time")
     common(p)
-    p.add_argument("--models", type=_csv(str), default=list(expert_layer.PRESETS))
+    p.add_argument("--models", type=_csv(str), default=list(PRESETS))
     p.add_argument("--tokens", type=int)
     p.add_argument("--compile", type=_csv(lambda s: {"off": False, "on": True}[s]), default=[False, True],
                    help="routing modes to time: off (eager), on (torch.compile)")
 
     p = sub.add_parser("comm", help="dispatcher bytes per step at EP=2, 4 (CPU, gloo)")
     common(p, timed=False)
-    p.add_argument("--model", default="0.6B", choices=list(expert_layer.PRESETS))
+    p.add_argument("--model", default="0.6B", choices=list(PRESETS))
     p.add_argument("--ep", type=_csv(int), default=[2, 4])
-    p.add_argument("--taus", type=_csv(float), default=list(layer.TAUS))
+    p.add_argument("--taus", type=_csv(float), default=list(TAUS))
     p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
 
     p = sub.add_parser("train", help="tokens/s, peak memory and MFU of full training steps")
     common(p)
-    p.add_argument("--model", default="0.6B", choices=list(expert_layer.PRESETS))
+    p.add_argument("--model", default="0.6B", choices=list(PRESETS))
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--seq-length", type=int)
     p.add_argument("--microbatches", type=int)
@@ -134,6 +131,12 @@ def main(argv=None) -> None:
         update_readme(args.readme, args.results_dir)
         print(f"updated {args.readme} from {args.results_dir}")
         return
+    # The benchmarks import torch and megatron-core: only once there is something to run.
+    import torch
+
+    from moepp_megatron.bench import comm, expert_layer, layer, overhead, startup, train
+    from moepp_megatron.bench.measure import clock_name, resolve_device
+
     if args.command == "startup":
         results = startup.bench(args.repeats)
         path = write_record("startup", torch.device("cpu"), {"repeats": args.repeats}, results, args.results_dir)

@@ -1,5 +1,5 @@
 """Routing distributions imposed on a layer: the balanced one the heterogeneous loss drives
-towards (MOEPP_SPEC.md section 1), or uniform over the FFN experts for vanilla MoE.
+towards (docs/MOEPP_SPEC.md section 1), or uniform over the FFN experts for vanilla MoE.
 
 At balance each FFN expert takes tau / (tau * N_ffn + N_zc) of the top-k slots and each ZC
 expert 1 / (tau * N_ffn + N_zc). :func:`balanced_assignment` turns shares into a

@@ -14,18 +14,13 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import build_module
 
 from moepp_megatron.bench.distributions import balanced_assignment, balanced_shares, uniform_shares
+from moepp_megatron.bench.presets import PRESETS
 from moepp_megatron.bench.records import REPO_ROOT
 from moepp_megatron.config.loader import load_config
 from moepp_megatron.config.schema import ModelConfig, ParallelConfig
 from moepp_megatron.model.builder import transformer_config, transformer_engine_available
 from moepp_megatron.model.specs import decoder_block_spec
 
-PRESETS = {
-    "0.6B": "moepp-0.6b-8+4e.yaml",
-    "1B": "moepp-1b-16+4e.yaml",
-    "2B": "moepp-2b-32+8e.yaml",
-    "7B": "moepp-7b-16+4e.yaml",
-}
 CONFIGS_DIR = REPO_ROOT / "configs"
 
 

@@ -22,7 +22,6 @@ from moepp_megatron.bench.distributions import forced_routing, ideal_speedup
 from moepp_megatron.bench.measure import summarize, time_calls
 from moepp_megatron.bench.paper import paper_speedup
 
-TAUS = (0.10, 0.25, 0.50, 0.75, 1.00)
 
 
 def time_layer(layer, x_SBD: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> dict:

@@ -1,4 +1,4 @@
-"""The paper's expert forward times (MOEPP_SPEC.md section 4), for comparison only."""
+"""The paper's expert forward times (docs/MOEPP_SPEC.md section 4), for comparison only."""
 
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,8 @@ def _cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict:
+    import torch  # here, not at the top: the CLIs' --help must not pay for it
+
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return {
@@ -60,6 +63,8 @@ def _version(distribution: str) -> Optional[str]:
 
 
 def versions() -> dict:
+    import torch
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

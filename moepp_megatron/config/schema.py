@@ -265,7 +265,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a warmup + decay schedule (MOEPP_SPEC.md section 3, paper Table B)."""
+    """AdamW with a warmup + decay schedule (docs/MOEPP_SPEC.md section 3, paper Table B)."""
 
     # Peak learning rate, reached at the end of warmup (paper: 5e-4; 1e-4 for strategy 3).
     lr: float = 5e-4

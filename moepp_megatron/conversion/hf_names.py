@@ -9,7 +9,7 @@ renames; two split one megatron tensor into several:
 - the stacked ZC parameters <-> one entry per constant expert, at expert index N_ffn + c
   (after the FFN experts, as in the released checkpoint).
 
-Names follow MOEPP_SPEC.md section 5; the dense MLP of a non-expert layer is
+Names follow docs/MOEPP_SPEC.md section 5; the dense MLP of a non-expert layer is
 ``model.layers.L.mlp.{up,down}_proj`` (up = [gate; up], as in the experts). The router's
 first (or only) matrix is ``gate.wg.0.weight`` for the 2-layer MoE++ router and
 ``gate.wg.weight`` otherwise (linear MoE++ router, vanilla MoE). Parameter names are those

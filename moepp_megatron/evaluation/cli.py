@@ -4,7 +4,7 @@
     moepp-eval --model HF_DIR --output OUT_DIR --tasks piqa hellaswag:10
     moepp-eval --model HF_DIR --output OUT_DIR --include-path MY_TASKS --tasks my_task:0
 
-The paper preset (MOEPP_SPEC.md section 4): 0-shot ARC-E, LAMBADA (openai), LogiQA, PIQA,
+The paper preset (docs/MOEPP_SPEC.md section 4): 0-shot ARC-E, LAMBADA (openai), LogiQA, PIQA,
 SciQ, WinoGrande; 10-shot HellaSwag; 25-shot ARC-C; 5-shot MMLU; 32-shot NQ (nq_open) and
 BoolQ. Writes OUT_DIR/results.md and OUT_DIR/results.json.
 """

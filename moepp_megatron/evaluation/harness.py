@@ -15,7 +15,7 @@ from typing import Optional
 
 _INSTALL_HINT = "evaluation needs lm-evaluation-harness: pip install 'moepp-megatron[eval]'"
 
-# MOEPP_SPEC.md section 4 (the paper's evaluation): task -> number of few-shot examples.
+# docs/MOEPP_SPEC.md section 4 (the paper's evaluation): task -> number of few-shot examples.
 PAPER_TASKS: dict[str, int] = {
     "arc_easy": 0,
     "lambada_openai": 0,

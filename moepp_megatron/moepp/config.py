@@ -25,7 +25,7 @@ class MoEPPTransformerConfig(TransformerConfig):
     # "linear" (paper) or "mlp": Linear(D, 8N) -> tanh -> Linear(8N, N) (released checkpoint).
     moepp_router: str = "linear"
     moepp_gating_residual: bool = True
-    # "paper" or "release"; see MOEPP_SPEC.md, "Two routing variants".
+    # "paper" or "release"; see docs/MOEPP_SPEC.md, "Two routing variants".
     moepp_routing: str = "paper"
     # gamma of Eq. 8; None = dropless. megatron's moe_expert_capacity_factor must stay None.
     moepp_capacity_factor: Optional[float] = None

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, REPO_ROOT
 from moepp_megatron.study import report
-from moepp_megatron.study.runner import run_study
 
 STUDY_CONFIGS = REPO_ROOT / "configs" / "study"
 PLOT_DIR = REPO_ROOT / "bench" / "study"
@@ -38,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-dir", type=Path, default=PLOT_DIR)
     args = parser.parse_args(argv)
     if args.command == "run":
+        from moepp_megatron.study.runner import run_study  # torch and megatron-core: only to run
+
         run_study(args.config or STUDY_CONFIGS / "main.yaml", args.work_dir, args.results_dir)
     report.update_readme(args.readme, args.results_dir, args.plot_dir)
     print(f"updated {args.readme} and the plots in {args.plot_dir}")

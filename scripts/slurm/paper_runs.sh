@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MoE++ paper's pretraining runs (MOEPP_SPEC.md section 3), submitted to Slurm through
+# The MoE++ paper's pretraining runs (docs/MOEPP_SPEC.md section 3), submitted to Slurm through
 # scripts/slurm/pretrain.sbatch. Hyperparameters come from configs/ (model preset + recipe);
 # this file only names the runs and picks their configs and tau.
 #

@@ -18,7 +18,7 @@ from tests.tiny_models import tiny_model
 
 
 def test_balanced_shares_follow_the_spec():
-    # (16+4)E at tau 0.75: 1.5 FFN experts per token (MOEPP_SPEC.md section 1).
+    # (16+4)E at tau 0.75: 1.5 FFN experts per token (docs/MOEPP_SPEC.md section 1).
     shares = balanced_shares(16, 4, 0.75)
     assert sum(shares) == pytest.approx(1.0)
     assert 2 * sum(shares[:16]) == pytest.approx(1.5)

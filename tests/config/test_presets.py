@@ -1,4 +1,4 @@
-"""The paper's presets (MOEPP_SPEC.md, Table 2) and their vanilla baselines."""
+"""The paper's presets (docs/MOEPP_SPEC.md, Table 2) and their vanilla baselines."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from tests.conversion.helpers import hf_model, hf_tensors, megatron_logits, mega
 from tests.distributed import run_distributed
 from tests.training.runs import CONFIGS, run_config_writer, train_losses, train_rank
 
-# The released MoE++-7B config.json (MOEPP_SPEC.md section 5).
+# The released MoE++-7B config.json (docs/MOEPP_SPEC.md section 5).
 RELEASED_7B_CONFIG = {
     "architectures": ["MoEPPForCausalLM"],
     "model_type": "MoE++",

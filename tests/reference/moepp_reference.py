@@ -1,4 +1,4 @@
-"""Plain-PyTorch fp32 reference of MoE++, written straight from /work/shared/MOEPP_SPEC.md.
+"""Plain-PyTorch fp32 reference of MoE++, written straight from docs/MOEPP_SPEC.md.
 
 Independent of ``moepp_megatron``; written to be easy to read, not fast: loops over tokens
 and experts wherever that makes the math obvious.  Section numbers refer to the spec.

@@ -1,7 +1,7 @@
 """Tests of the plain-PyTorch MoE++ reference against hand-computed cases.
 
 The expected numbers are worked out by hand in the comments, so these tests also document
-the formulas of /work/shared/MOEPP_SPEC.md §1.
+the formulas of docs/MOEPP_SPEC.md §1.
 """
 import math
 

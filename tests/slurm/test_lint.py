@@ -16,6 +16,7 @@ SHELL_SCRIPTS = [
     "scripts/gpu_check.sh",
     "scripts/test.sh",
     "scripts/demo.sh",
+    "scripts/install_torch.sh",
     "scripts/slurm/pretrain.sbatch",
     "scripts/slurm/node.sh",
     "scripts/slurm/paper_runs.sh",

@@ -1,5 +1,5 @@
 """scripts/slurm/paper_runs.sh: every run of the paper, with the configs and overrides that
-resolve to the paper's recipe (MOEPP_SPEC.md section 3, checked through the real config
+resolve to the paper's recipe (docs/MOEPP_SPEC.md section 3, checked through the real config
 loader), and submissions that a real Slurm accepts with the right dependencies."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """scripts/pretrain.sh (torchrun, 2 CPU ranks) as a cluster and its users treat it.
 
 - Its exit status says how the run ended: 75 when stopped by a signal with a checkpoint to
-  resume from (torchrun alone would turn the workers' 75 into 1), 0 when complete, and 0
-  again, at once, when a complete run is started again.
+  resume from (torchrun alone would turn the workers' 75 into 1 and a failure report), 0
+  when complete, and 0 again, at once, when a complete run is started again.
 - A second job in the same run directory stops at once, naming the holder of the lock.
 - Workers whose torchrun was killed stop (checkpoint, exit) instead of training on.
 - A lock left by a dead job is taken over with a warning.
@@ -54,6 +54,8 @@ def test_exit_status_says_stopped_complete_and_already_complete(run_config, tmp_
         job.kill()
     stopped = _tracker(run_dir)
     assert stopped >= 2 and "(SIGUSR1)" in job.output()
+    # A stop is not a failure: no torchrun failure report, no traceback.
+    assert "ChildFailedError" not in job.output() and "Traceback" not in job.output(), job.output()
 
     for name in ("second", "third"):
         job = Job.script(config, [f"training.train_iters={stopped + 1}"], tmp_path / name)
