@@ -20,6 +20,7 @@ import torch
 
 from moepp_megatron.config.schema import ModelConfig, MoEConfig
 
+# The two model types of moepp_megatron/hf/configuration_moepp.py (which imports transformers).
 MODEL_TYPE = "MoE++"
 EXTENDED_MODEL_TYPE = "moepp-megatron"
 _CLASS_PREFIX = {MODEL_TYPE: "MoEPP", EXTENDED_MODEL_TYPE: "MoEPPMegatron"}

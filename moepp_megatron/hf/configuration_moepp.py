@@ -120,8 +120,7 @@ class MoEPPConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         if num_experts is None:
-            zc = sum(RELEASED_ARCHITECTURE[f"moepp_num_{kind}_experts"] for kind in ("constant", "copy", "zero"))
-            num_experts = [16 + zc]
+            num_experts = [16 + 4]  # MoE++-7B: 16 FFN experts, 2 constant + 1 copy + 1 zero
         self.num_experts = list(num_experts) if isinstance(num_experts, (list, tuple)) else num_experts
         self.moe_expert_interval = moe_expert_interval
         self.moe_use_mixtral_gating = moe_use_mixtral_gating
@@ -176,7 +175,7 @@ class MoEPPConfig(PretrainedConfig):
         """The fields whose values the released MoE++ code would not compute."""
         names = [name for name, value in RELEASED_ARCHITECTURE.items() if getattr(self, name) != value]
         if self.head_dim != self.hidden_size // self.num_attention_heads:
-            names.append("head_dim")  # the released code derives it from hidden_size
+            names.append("head_dim")  # not a released field: hidden_size / num_attention_heads there
         return names
 
     # ---------------------------------------------------------------- validation
