@@ -141,7 +141,9 @@ def test_model_type_is_moepp_only_for_what_the_released_code_computes(change, re
     model = tiny_model(**moe)
     model = dataclasses.replace(model, head_dim=change.get("head_dim", model.head_dim))
     config = to_hf_config(model, torch_dtype="float32")
-    model_type, architecture = ("MoE++", "MoEPPForCausalLM") if released else ("moepp-megatron", "MoEPPMegatronForCausalLM")
+    model_type, architecture = (
+        ("MoE++", "MoEPPForCausalLM") if released else ("moepp-megatron", "MoEPPMegatronForCausalLM")
+    )
     assert (config["model_type"], config["architectures"]) == (model_type, [architecture])
     assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_moepp.{architecture}"
     assert type(hf_config_object(config)) is (MoEPPConfig if released else MoEPPMegatronConfig)
@@ -162,7 +164,8 @@ def test_released_interval_2_from_megatron(single_process):
 def test_released_interval_2_to_megatron(single_process):
     """A released config with ``moe_expert_interval: 2`` becomes a megatron model whose expert
     layers are 1 and 3, with the HF model's logits."""
-    config = {**to_hf_config(tiny_model(num_layers=4, **RELEASED_FAMILY), torch_dtype="float32"), "moe_expert_interval": 2}
+    every_layer = to_hf_config(tiny_model(num_layers=4, **RELEASED_FAMILY), torch_dtype="float32")
+    config = {**every_layer, "moe_expert_interval": 2}
     model = from_hf_config(config)
     assert model.moe.layer_freq == [0, 1, 0, 1]
     torch.manual_seed(0)
