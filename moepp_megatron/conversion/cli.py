@@ -62,7 +62,10 @@ def main(argv=None) -> int:
             args.checkpoint, args.output, iteration=args.iteration, dtype=args.dtype,
             tokenizer=args.tokenizer, max_shard_bytes=args.max_shard_size,
         )
-        layout = "the released MoE++ format" if report.release_format else "MoE++ format with moepp_* extensions"
+        layout = (
+            'model_type "MoE++" (the released format)' if report.release_format
+            else 'model_type "moepp-megatron" (moepp_* fields the released MoE++ code does not compute)'
+        )
         print(
             f"wrote {report.output}: iteration {report.iteration}, {report.num_tensors} tensors, "
             f"{report.num_parameters:,} parameters in {len(report.shards)} shard(s), {layout}, "

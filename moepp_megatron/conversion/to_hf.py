@@ -70,8 +70,8 @@ def export_to_hf(
         raise FileNotFoundError(f"tokenizer model {tokenizer} not found (give the run's sentencepiece model with --tokenizer)")
     ids = special_tokens(Path(tokenizer)) if tokenizer else None
     config = to_hf_config(
-        run.model, torch_dtype=_DTYPE_NAMES[dtype],
-        bos_token_id=ids.bos_id if ids else None, eos_token_id=ids.eos_id if ids else None,
+        run.model, torch_dtype=_DTYPE_NAMES[dtype], bos_token_id=ids.bos_id if ids else None,
+        eos_token_id=ids.eos_id if ids else None, pad_token_id=ids.pad_id if ids else None,
     )
     hf_state = megatron_to_hf(state, run.model)
     check_weights(hf_state, config, f"the converted checkpoint {directory} (iteration {iteration})")
@@ -82,10 +82,8 @@ def export_to_hf(
     try:
         shards = hf_files.write_safetensors(hf_state, staging, max_shard_bytes)
         hf_files.write_json(staging / "config.json", config)
-        hf_files.write_json(
-            staging / "generation_config.json",
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
-        )
+        special = ("bos_token_id", "eos_token_id", "pad_token_id")
+        hf_files.write_json(staging / "generation_config.json", {k: config[k] for k in special if k in config})
         hf_files.copy_code_files(staging)
         if tokenizer:
             write_hf_tokenizer(Path(tokenizer), staging, model_max_length=run.model.seq_length)

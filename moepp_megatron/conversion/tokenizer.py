@@ -9,7 +9,8 @@ normalisation rules (``nmt_nfkc`` and whitespace folding, the sentencepiece defa
 ``moepp_megatron.data.local_corpus`` uses); ``tokenizer.json`` carries the model's own rules.
 
 No BOS/EOS is added when encoding: pretraining documents are token ids followed by EOS, with
-no BOS (``moepp-preprocess``).
+no BOS (``moepp-preprocess``). Padding is on the left (for batched generation) with the unknown
+piece as the pad token (see ``SpecialTokens.pad_id``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ class SpecialTokens:
     eos_id: int | None
     unk_id: int | None
     vocab_size: int
+
+    @property
+    def pad_id(self) -> int | None:
+        """The unknown piece, as LLaMA fine-tuning pads. The model sees a pad only under a zero
+        attention mask; unlike EOS it is not what a text ends with, so a data collator that
+        drops pad positions from the loss keeps the EOS labels, and a prompt that ends with
+        EOS is not mistaken for right padding by ``generate``."""
+        return self.unk_id
 
 
 def _load_proto(model_file: Path):
@@ -125,7 +134,8 @@ def mismatches(model_file: Path, tokenizer, texts=SAMPLE_TEXTS) -> list[str]:
 
 
 def write_hf_tokenizer(model_file: Path, directory: Path, *, model_max_length: int) -> SpecialTokens:
-    """tokenizer.model + tokenizer.json + tokenizer_config.json + special_tokens_map.json."""
+    """tokenizer.model + tokenizer.json + tokenizer_config.json + special_tokens_map.json
+    (left padding, pad = unk)."""
     model_file = Path(model_file)
     if not model_file.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {model_file}")
@@ -143,14 +153,16 @@ def write_hf_tokenizer(model_file: Path, directory: Path, *, model_max_length: i
     def piece(index):
         return pieces[index] if index is not None else None
 
-    names = {"bos_token": piece(ids.bos_id), "eos_token": piece(ids.eos_id), "unk_token": piece(ids.unk_id)}
+    names = {
+        "bos_token": piece(ids.bos_id), "eos_token": piece(ids.eos_id), "unk_token": piece(ids.unk_id),
+        "pad_token": piece(ids.pad_id),
+    }
     write_json(directory / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
     write_json(
         directory / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **names,
-            "pad_token": None,
             "add_bos_token": False,
             "add_eos_token": False,
             "model_max_length": model_max_length,

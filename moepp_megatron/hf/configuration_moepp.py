@@ -1,14 +1,17 @@
-"""Hugging Face configuration of MoE++ (model_type "MoE++").
+"""Hugging Face configuration of MoE++: model_type "MoE++" (the released format) and
+"moepp-megatron" (the released format plus what it cannot express).
 
 Self-contained (imports only transformers): this file is copied next to converted
 checkpoints and loaded with ``trust_remote_code=True``.
 
 The released MoE++-7B config fields are kept with their meaning (LLaMA fields plus
-``num_experts`` = [N_ffn + N_zc], ``moe_expert_interval``, ``moe_use_mixtral_gating``,
-``moe_2layer_gate``, ``moe_use_logits_norm``, ``moe_gate_norm_std``,
-``moe_feature_no_mul_topk``). The ``moepp_*`` fields describe what the released format cannot
-express; their defaults are the released family (2 constant + 1 copy + 1 zero expert, top-2,
-"release" routing, gating residuals on), so a released config.json loads unchanged:
+``num_experts`` = [N_ffn + N_zc], ``moe_expert_interval`` (layer i is an MoE layer iff
+``(i + 1) % moe_expert_interval == 0``, as the released code reads it),
+``moe_use_mixtral_gating``, ``moe_2layer_gate``, ``moe_use_logits_norm``,
+``moe_gate_norm_std``, ``moe_feature_no_mul_topk``). The ``moepp_*`` fields of
+``RELEASED_ARCHITECTURE`` describe models the released format cannot express; their defaults
+are the released family (2 constant + 1 copy + 1 zero expert, top-2, "release" routing, gating
+residuals on):
 
 - ``moepp_method``: "moepp", or "vanilla" for a plain MoE baseline (no ZC experts, linear
   router, no gating residual) routed like megatron's ``TopKRouter``: top-k of the logits,
@@ -20,23 +23,56 @@ express; their defaults are the released family (2 constant + 1 copy + 1 zero ex
   softmax probabilities, experts see ``x``; ``moe_feature_no_mul_topk`` true).
 - ``moepp_gating_residual``: G^j = R^j(x) + W_g G^{j-1}; ``gate_map`` exists either way.
 - ``moepp_moe_layers``: per layer 1 (MoE) or 0 (dense SwiGLU of size
-  ``moepp_dense_intermediate_size``, default ``intermediate_size``); when absent, layer i is
-  an MoE layer iff ``i % moe_expert_interval == 0``.
-- Training-only fields, recorded so a converted model continues pretraining unchanged and
-  ignored here: ``moepp_capacity_factor`` (gamma of Eq. 8), ``moepp_tau``,
-  ``moepp_aux_loss_coeff``, ``moepp_z_loss_coeff``. Inference is dropless, as in the released
-  code: a non-null capacity factor does not drop tokens here.
+  ``moepp_dense_intermediate_size``, default ``intermediate_size``), for layer patterns that
+  no ``moe_expert_interval`` gives (``moe_expert_interval`` is then null).
+
+The released code knows none of these fields: given one, it would ignore it and compute
+another model. So ``MoEPPConfig`` (model_type "MoE++") refuses them, as it refuses a
+``head_dim`` other than hidden_size / num_attention_heads, and ``MoEPPMegatronConfig``
+(model_type "moepp-megatron", a type the released code does not register) takes them.
+
+Training-only fields, recorded so a converted model continues pretraining unchanged and
+ignored here (either type): ``moepp_capacity_factor`` (gamma of Eq. 8), ``moepp_tau``,
+``moepp_aux_loss_coeff``, ``moepp_z_loss_coeff``. Inference is dropless, as in the released
+code: a non-null capacity factor does not drop tokens here.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-_RELEASE_ZC = {"constant": 2, "copy": 1, "zero": 1}
+RELEASED_MODEL_TYPE = "MoE++"
+EXTENDED_MODEL_TYPE = "moepp-megatron"
+# The fields that change what the model computes, at the released family's values.
+RELEASED_ARCHITECTURE = {
+    "moepp_method": "moepp",
+    "moepp_num_constant_experts": 2,
+    "moepp_num_copy_experts": 1,
+    "moepp_num_zero_experts": 1,
+    "moepp_topk": 2,
+    "moepp_routing": "release",
+    "moepp_gating_residual": True,
+    "moepp_moe_layers": None,
+    "moepp_dense_intermediate_size": None,
+}
+# Training-only records, at the values of the released 7B run.
+TRAINING_DEFAULTS = {
+    "moepp_capacity_factor": 1.1,
+    "moepp_tau": 0.75,
+    "moepp_aux_loss_coeff": 0.01,
+    "moepp_z_loss_coeff": None,
+}
+
+
+def interval_moe_layers(interval: int, num_layers: int) -> list[int]:
+    """Per layer 1 (MoE) or 0 (dense) for the released ``moe_expert_interval``."""
+    return [int((i + 1) % interval == 0) for i in range(num_layers)]
 
 
 class MoEPPConfig(PretrainedConfig):
-    model_type = "MoE++"
+    """model_type "MoE++": what the released MoE++ code computes, and nothing else."""
+
+    model_type = RELEASED_MODEL_TYPE
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
@@ -61,25 +97,12 @@ class MoEPPConfig(PretrainedConfig):
         rope_scaling: dict | None = None,
         attention_bias: bool = False,
         num_experts: list[int] | None = None,
-        moe_expert_interval: int = 1,
+        moe_expert_interval: int | None = 1,
         moe_use_mixtral_gating: bool = False,
         moe_2layer_gate: bool = True,
         moe_use_logits_norm: bool = False,
         moe_gate_norm_std: float = 1.0,
         moe_feature_no_mul_topk: bool = False,
-        moepp_method: str = "moepp",
-        moepp_num_constant_experts: int = _RELEASE_ZC["constant"],
-        moepp_num_copy_experts: int = _RELEASE_ZC["copy"],
-        moepp_num_zero_experts: int = _RELEASE_ZC["zero"],
-        moepp_topk: int = 2,
-        moepp_routing: str = "release",
-        moepp_gating_residual: bool = True,
-        moepp_moe_layers: list[int] | None = None,
-        moepp_dense_intermediate_size: int | None = None,
-        moepp_capacity_factor: float | None = 1.1,
-        moepp_tau: float = 0.75,
-        moepp_aux_loss_coeff: float = 0.01,
-        moepp_z_loss_coeff: float | None = None,
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -97,7 +120,7 @@ class MoEPPConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
         if num_experts is None:
-            num_experts = [16 + sum(_RELEASE_ZC.values())]
+            num_experts = [16 + 4]  # MoE++-7B: 16 FFN experts, 2 constant + 1 copy + 1 zero
         self.num_experts = list(num_experts) if isinstance(num_experts, (list, tuple)) else num_experts
         self.moe_expert_interval = moe_expert_interval
         self.moe_use_mixtral_gating = moe_use_mixtral_gating
@@ -105,19 +128,10 @@ class MoEPPConfig(PretrainedConfig):
         self.moe_use_logits_norm = moe_use_logits_norm
         self.moe_gate_norm_std = moe_gate_norm_std
         self.moe_feature_no_mul_topk = moe_feature_no_mul_topk
-        self.moepp_method = moepp_method
-        self.moepp_num_constant_experts = moepp_num_constant_experts
-        self.moepp_num_copy_experts = moepp_num_copy_experts
-        self.moepp_num_zero_experts = moepp_num_zero_experts
-        self.moepp_topk = moepp_topk
-        self.moepp_routing = moepp_routing
-        self.moepp_gating_residual = moepp_gating_residual
-        self.moepp_moe_layers = list(moepp_moe_layers) if moepp_moe_layers is not None else None
-        self.moepp_dense_intermediate_size = moepp_dense_intermediate_size
-        self.moepp_capacity_factor = moepp_capacity_factor
-        self.moepp_tau = moepp_tau
-        self.moepp_aux_loss_coeff = moepp_aux_loss_coeff
-        self.moepp_z_loss_coeff = moepp_z_loss_coeff
+        for name, default in {**RELEASED_ARCHITECTURE, **TRAINING_DEFAULTS}.items():
+            setattr(self, name, kwargs.pop(name, default))
+        if self.moepp_moe_layers is not None:
+            self.moepp_moe_layers = list(self.moepp_moe_layers)
         self._validate(rope_scaling)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -155,7 +169,14 @@ class MoEPPConfig(PretrainedConfig):
     def is_moe_layer(self, layer: int) -> bool:
         if self.moepp_moe_layers is not None:
             return bool(self.moepp_moe_layers[layer])
-        return layer % self.moe_expert_interval == 0
+        return bool(interval_moe_layers(self.moe_expert_interval, self.num_hidden_layers)[layer])
+
+    def extended_fields(self) -> list[str]:
+        """The fields whose values the released MoE++ code would not compute."""
+        names = [name for name, value in RELEASED_ARCHITECTURE.items() if getattr(self, name) != value]
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            names.append("head_dim")  # not a released field: hidden_size / num_attention_heads there
+        return names
 
     # ---------------------------------------------------------------- validation
 
@@ -189,10 +210,18 @@ class MoEPPConfig(PretrainedConfig):
             fail("num_experts", f"leaves no FFN expert beside {self.num_zc_experts} ZC experts")
         if not 1 <= self.moepp_topk <= self.num_router_experts:
             fail("moepp_topk", f"must be in [1, {self.num_router_experts}]")
-        if self.moe_expert_interval < 1:
-            fail("moe_expert_interval", "must be >= 1")
+        interval = self.moe_expert_interval
+        if self.moepp_moe_layers is None and not (isinstance(interval, int) and interval >= 1):
+            fail("moe_expert_interval", "must be an integer >= 1 (or null beside moepp_moe_layers)")
         if self.moepp_moe_layers is not None and len(self.moepp_moe_layers) != self.num_hidden_layers:
             fail("moepp_moe_layers", f"must have num_hidden_layers={self.num_hidden_layers} entries")
+        extended = self.extended_fields()
+        if extended and type(self).model_type == RELEASED_MODEL_TYPE:
+            fail(
+                extended[0],
+                "is beyond the released MoE++ format (the released code would ignore it and compute another "
+                f"model): a config with it has model_type {EXTENDED_MODEL_TYPE!r}",
+            )
         if self.is_vanilla:
             if self.moe_2layer_gate:
                 fail("moe_2layer_gate", "must be false for a vanilla MoE (linear router)")
@@ -211,4 +240,16 @@ class MoEPPConfig(PretrainedConfig):
             fail("moepp_num_zero_experts", "must be 1 with the release routing")
 
 
-__all__ = ["MoEPPConfig"]
+class MoEPPMegatronConfig(MoEPPConfig):
+    """model_type "moepp-megatron": the released fields plus the ``moepp_*`` ones. A type of
+    its own, so that an environment where "MoE++" means the released code never builds this
+    model with it."""
+
+    model_type = EXTENDED_MODEL_TYPE
+
+    def __init__(self, **kwargs) -> None:
+        # Without an __init__ of its own, transformers 5 would generate a dataclass one.
+        super().__init__(**kwargs)
+
+
+__all__ = ["MoEPPConfig", "MoEPPMegatronConfig"]

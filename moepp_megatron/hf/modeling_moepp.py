@@ -1,6 +1,7 @@
-"""Hugging Face implementation of MoE++ (model_type "MoE++"): a LLaMA decoder whose FFNs are
-MoE++ layers (FFN experts plus zero / copy / constant experts behind one router, with gating
-residuals between layers), or vanilla MoE layers.
+"""Hugging Face implementation of MoE++ (model_type "MoE++", and "moepp-megatron" for what the
+released format cannot express): a LLaMA decoder whose FFNs are MoE++ layers (FFN experts plus
+zero / copy / constant experts behind one router, with gating residuals between layers), or
+vanilla MoE layers.
 
 Self-contained (imports only torch and transformers): this file is copied next to converted
 checkpoints and loaded with ``trust_remote_code=True``. Weight names are those of the released
@@ -24,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_moepp import MoEPPConfig
+from .configuration_moepp import MoEPPConfig, MoEPPMegatronConfig
 
 try:  # transformers >= 5: init helpers that leave loaded weights alone
     from transformers import initialization as _init
@@ -416,4 +417,18 @@ class MoEPPForCausalLM(MoEPPPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
-__all__ = ["MoEPPForCausalLM", "MoEPPModel", "MoEPPPreTrainedModel"]
+# The same model for model_type "moepp-megatron": transformers pairs each model class with one
+# config class.
+
+
+class MoEPPMegatronModel(MoEPPModel):
+    config_class = MoEPPMegatronConfig
+
+
+class MoEPPMegatronForCausalLM(MoEPPForCausalLM):
+    config_class = MoEPPMegatronConfig
+
+
+__all__ = [
+    "MoEPPForCausalLM", "MoEPPModel", "MoEPPPreTrainedModel", "MoEPPMegatronForCausalLM", "MoEPPMegatronModel",
+]

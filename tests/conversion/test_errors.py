@@ -63,7 +63,7 @@ def test_config_with_other_layers_lists_missing_tensors(hf_copy, tmp_path):
 
 
 def test_unknown_model_type():
-    with pytest.raises(ValueError, match="model_type 'llama' is not 'MoE\\+\\+'"):
+    with pytest.raises(ValueError, match=r"model_type 'llama' is not one of \['MoE\+\+', 'moepp-megatron'\]"):
         from_hf_config({"model_type": "llama", "hidden_size": 64})
 
 
@@ -72,6 +72,9 @@ def test_unsupported_released_options_are_refused():
         from_hf_config({"model_type": "MoE++", "moe_use_mixtral_gating": True})
     with pytest.raises(ValueError, match="moe_feature_no_mul_topk"):
         from_hf_config({"model_type": "MoE++", "moe_feature_no_mul_topk": True})
+    # What the released code would ignore (as exports before model_type "moepp-megatron" had it).
+    with pytest.raises(ValueError, match="moepp_routing='paper'.* has model_type 'moepp-megatron'"):
+        from_hf_config({"model_type": "MoE++", "moepp_routing": "paper", "moe_feature_no_mul_topk": True})
 
 
 def test_missing_hf_files(tmp_path):

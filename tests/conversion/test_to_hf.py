@@ -1,6 +1,7 @@
 """Megatron checkpoints (trained under EP=2) -> Hugging Face: the HF model computes the
 megatron model's logits and greedy continuations, with and without its KV cache and in
-left-padded batches; the released family is written in the released format."""
+left-padded batches; the released family is written in the released format (model_type
+"MoE++"), the others as model_type "moepp-megatron", which the released code never computes."""
 
 from __future__ import annotations
 
@@ -57,15 +58,18 @@ def test_greedy_generation_matches(trained, family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_one_by_one(trained, family):
+    """The exported tokenizer pads (left, with its unknown piece) as it is: a batch of prompts
+    of different lengths generates what each prompt generates alone."""
     from transformers import AutoTokenizer
 
     hf_dir = trained.hf_dir(family)
     model = hf_model(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
-    tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    assert tokenizer.padding_side == "left" and not batch.attention_mask.all()
-    together = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == tokenizer.unk_token
+    assert tokenizer.pad_token_id == model.config.pad_token_id == model.generation_config.pad_token_id
+    assert batch.attention_mask[:, 0].tolist().count(0) == len(PROMPTS) - 1  # all but the longest padded
+    together = model.generate(**batch, max_new_tokens=6, do_sample=False)
     for row, text in enumerate(PROMPTS):
         ids = tokenizer(text, return_tensors="pt").input_ids
         alone = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -79,6 +83,55 @@ def test_left_padded_batch_equals_one_by_one(trained, family):
             torch.testing.assert_close(padded[row, -ids.shape[1]:], model(ids).logits[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def released_code_installed(monkeypatch):
+    """model_type "MoE++" served by code registered in this process, as where the released
+    MoE++ code is installed; this package's classes of that type stand in for it. Under
+    such a registration transformers uses the registered code even with
+    ``trust_remote_code=True``, ahead of the code files in the model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from moepp_megatron.hf.configuration_moepp import MoEPPConfig
+    from moepp_megatron.hf.modeling_moepp import MoEPPForCausalLM
+
+    for mapping in (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):  # undone after the test
+        monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+    AutoConfig.register("MoE++", MoEPPConfig)
+    AutoModelForCausalLM.register(MoEPPConfig, MoEPPForCausalLM)
+    return MoEPPForCausalLM
+
+
+@pytest.mark.slow
+def test_released_code_never_computes_a_non_released_export(trained, released_code_installed):
+    """A "paper" export (model_type "moepp-megatron") does not reach the installed "MoE++" code:
+    without trust_remote_code it is refused, with it the export's own code computes
+    megatron's logits (and our "MoE++" class, called by hand, refuses it naming a field). A
+    released-family export runs on the installed code, with megatron's logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(3))
+
+    def difference_to_megatron(model, family):
+        with torch.no_grad():
+            logits = model.eval()(ids).logits
+        return (logits - megatron_logits(megatron_model(trained.run_dir(family)), ids)).abs().max().item()
+
+    paper = trained.hf_dir("paper")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(paper, trust_remote_code=False)
+    with pytest.raises(ValueError, match="moepp_num_constant_experts=3 .* has model_type 'moepp-megatron'"):
+        released_code_installed.from_pretrained(paper)
+    own = AutoModelForCausalLM.from_pretrained(paper, trust_remote_code=True)
+    assert type(own).__name__ == "MoEPPMegatronForCausalLM" and type(own) is not released_code_installed
+    assert difference_to_megatron(own, "paper") < LOGIT_TOL
+
+    release = AutoModelForCausalLM.from_pretrained(trained.hf_dir("release"), trust_remote_code=True)
+    assert type(release) is released_code_installed
+    assert difference_to_megatron(release, "release") < LOGIT_TOL
+
+
 @pytest.mark.slow
 def test_release_family_uses_the_released_format(trained):
     hf_dir = trained.hf_dir("release")
@@ -90,9 +143,10 @@ def test_release_family_uses_the_released_format(trained):
         "moe_2layer_gate", "moe_use_logits_norm", "moe_gate_norm_std", "moe_feature_no_mul_topk", "model_type",
     }
     bookkeeping = {"architectures", "auto_map", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
-                   "torch_dtype"}
+                   "pad_token_id", "torch_dtype"}
     assert set(config) == released | bookkeeping
-    assert config["model_type"] == "MoE++" and config["num_experts"] == [4 + 4]
+    assert config["model_type"] == "MoE++" and config["architectures"] == ["MoEPPForCausalLM"]
+    assert config["num_experts"] == [4 + 4] and config["moe_expert_interval"] == 1
     assert config["moe_2layer_gate"] is True and config["moe_feature_no_mul_topk"] is False
 
     from safetensors import safe_open
@@ -118,13 +172,16 @@ def test_release_family_uses_the_released_format(trained):
 @pytest.mark.slow
 def test_other_families_say_what_the_release_format_cannot(trained):
     paper = json.loads((trained.hf_dir("paper") / "config.json").read_text())
+    assert paper["model_type"] == "moepp-megatron" and paper["architectures"] == ["MoEPPMegatronForCausalLM"]
     assert paper["num_experts"] == [4 + 6] and paper["moe_2layer_gate"] is False
+    assert paper["moe_expert_interval"] is None  # layers [1, 0, 1, 1]: no released interval gives them
     assert {k: paper[k] for k in paper if k.startswith("moepp_")} == {
         "moepp_num_constant_experts": 3, "moepp_num_copy_experts": 2, "moepp_routing": "paper",
         "moepp_moe_layers": [1, 0, 1, 1], "moepp_dense_intermediate_size": 128, "moepp_capacity_factor": None,
     }
     vanilla = json.loads((trained.hf_dir("vanilla") / "config.json").read_text())
-    assert vanilla["moepp_method"] == "vanilla" and vanilla["num_experts"] == [4]
+    assert vanilla["model_type"] == "moepp-megatron" and vanilla["moepp_method"] == "vanilla"
+    assert vanilla["num_experts"] == [4] and vanilla["moe_expert_interval"] == 1
 
 
 @pytest.mark.slow
