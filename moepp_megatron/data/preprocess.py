@@ -38,7 +38,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from moepp_megatron.data.readers import Document, SkipLog, expand_inputs, read_documents
+from moepp_megatron.data.readers import (
+    Document,
+    SkipLog,
+    check_readers,
+    expand_inputs,
+    read_documents,
+)
 
 __all__ = ["PreprocessSummary", "main", "preprocess"]
 
@@ -65,9 +71,7 @@ class PreprocessSummary:
         ]
         if self.empty:
             lines.append(f"  empty documents (no tokens, not written): {self.empty:,}")
-        if self.skipped.count:
-            lines.append(f"  skipped records: {self.skipped.count:,}; the first ones:")
-            lines += [f"    {record}" for record in self.skipped.first]
+        lines += [f"  {line}" for line in self.skipped.report()]
         return "\n".join(lines)
 
 
@@ -92,6 +96,7 @@ def preprocess(
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.monotonic()
     files = expand_inputs(inputs)
+    check_readers(files)
     tokenizer = load_tokenizer(tokenizer_model)  # fail on a bad model before reading anything
     prefix = Path(output_prefix).expanduser().absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)
