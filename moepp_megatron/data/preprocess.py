@@ -38,6 +38,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from moepp_megatron.data.cli import add_input_arguments, run
 from moepp_megatron.data.readers import (
     Document,
     SkipLog,
@@ -261,17 +262,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB",
-        help="input files, directories (searched recursively) or globs",
-    )
+    add_input_arguments(parser)
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
-    parser.add_argument(
-        "--text-field", default="text", help="JSON key / parquet column holding the text"
-    )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--strict", action="store_true", help="stop at the first malformed record")
     parser.add_argument(
         "--no-append-eos", dest="append_eos", action="store_false",
         help="do not end every document with the EOS token",
@@ -283,25 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # megatron-core announces its CPU fallbacks when imported; no use to this command.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    try:
-        summary = preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer_model,
-            text_field=args.text_field,
-            workers=args.workers,
-            strict=args.strict,
-            append_eos=args.append_eos,
-            progress=True,
-        )
-    except KeyboardInterrupt:
-        print("\nmoepp-preprocess: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit 1
-        print(f"moepp-preprocess: error: {err}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+    return run("moepp-preprocess", lambda: preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer_model,
+        text_field=args.text_field,
+        workers=args.workers,
+        strict=args.strict,
+        append_eos=args.append_eos,
+        progress=True,
+    ))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from moepp_megatron.data.cli import add_input_arguments, run
 from moepp_megatron.data.readers import (
     Document,
     SkipLog,
@@ -228,9 +229,7 @@ def _take(documents: Iterator[Document], max_documents: int, max_chars: int) -> 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="moepp-tokenizer", description="Tokenizers for moepp-megatron."
-    )
+    parser = argparse.ArgumentParser(prog="moepp-tokenizer", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train",
@@ -238,17 +237,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB",
-        help="input files, directories (searched recursively) or globs",
-    )
+    add_input_arguments(train)
     train.add_argument(
         "--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab"
     )
     train.add_argument("--vocab-size", type=int, default=32000, help="pieces (default: %(default)s)")
-    train.add_argument(
-        "--text-field", default="text", help="JSON key / parquet column holding the text"
-    )
     train.add_argument(
         "--max-chars", type=int, default=200_000_000,
         help="characters of text to train on, at most (default: %(default)s, about 4 GB of memory)",
@@ -262,33 +255,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=1,
         help="sentencepiece training threads (the count changes the model; default: %(default)s)",
     )
-    train.add_argument("--strict", action="store_true", help="stop at the first malformed record")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = train_tokenizer(
-            args.input,
-            args.output_prefix,
-            vocab_size=args.vocab_size,
-            text_field=args.text_field,
-            max_documents=args.max_documents,
-            max_chars=args.max_chars,
-            keep_whitespace=args.keep_whitespace,
-            strict=args.strict,
-            threads=args.threads,
-            progress=True,
-        )
-    except KeyboardInterrupt:
-        print("\nmoepp-tokenizer: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit 1
-        print(f"moepp-tokenizer: error: {err}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+    return run("moepp-tokenizer", lambda: train_tokenizer(
+        args.input,
+        args.output_prefix,
+        vocab_size=args.vocab_size,
+        text_field=args.text_field,
+        max_documents=args.max_documents,
+        max_chars=args.max_chars,
+        keep_whitespace=args.keep_whitespace,
+        strict=args.strict,
+        threads=args.threads,
+        progress=True,
+    ))
 
 
 if __name__ == "__main__":
