@@ -44,8 +44,9 @@ def parse_args(argv):
 
 def prepare_data(data_dir: Path, vocab_size: int) -> tuple[Path, Path]:
     """Tokenizer and mixture file; reused when already there."""
-    from moepp_megatron.data.local_corpus import python_docs_corpus, train_sentencepiece
+    from moepp_megatron.data.local_corpus import python_docs_corpus
     from moepp_megatron.data.preprocess import preprocess
+    from moepp_megatron.data.train_tokenizer import train_sentencepiece
 
     tokenizer = data_dir / "tokenizer.model"
     mixture = data_dir / "mixture.yaml"

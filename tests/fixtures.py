@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moepp_megatron.data.local_corpus import python_docs_corpus, train_sentencepiece
+from moepp_megatron.data.local_corpus import python_docs_corpus
+from moepp_megatron.data.train_tokenizer import train_sentencepiece
 
 
 def tiny_sentencepiece(directory: Path, vocab_size: int = 400) -> Path:
-    """A LLaMA-2 style sentencepiece model trained on CPython's help topics (< 0.1 s)."""
+    """A LLaMA-2 style sentencepiece model trained on CPython's help topics (< 0.1 s), with
+    sentencepiece's default normaliser (whitespace folded): the Hugging Face export converts
+    that normaliser, and its tests use this model."""
     from pydoc_data.topics import topics
 
     documents = [topics[name] for name in sorted(topics)]
-    return train_sentencepiece(documents, Path(directory) / f"tiny-{vocab_size}.model", vocab_size)
+    path = Path(directory) / f"tiny-{vocab_size}.model"
+    return train_sentencepiece(documents, path, vocab_size, keep_whitespace=False)
 
 
 def tiny_blend(directory: Path) -> tuple[Path, list[Path]]:

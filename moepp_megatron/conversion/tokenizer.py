@@ -6,7 +6,7 @@ tokenizer for the ``tokenizers`` library, built from the model file's own settin
 needs nothing else. Why not ``LlamaTokenizer``: transformers 5 rebuilds it with LLaMA-2's fixed
 normaliser (none), which encodes differently from a sentencepiece model trained with other
 normalisation rules (``nmt_nfkc`` and whitespace folding, the sentencepiece defaults that
-``moepp_megatron.data.local_corpus`` uses); ``tokenizer.json`` carries the model's own rules.
+``moepp-tokenizer train --fold-whitespace`` uses); ``tokenizer.json`` carries the model's own rules.
 
 No BOS/EOS is added when encoding: pretraining documents are token ids followed by EOS, with
 no BOS (``moepp-preprocess``). Padding is on the left (for batched generation) with the unknown

@@ -1,5 +1,5 @@
-"""An offline English corpus from text every CPython installation ships, and a
-sentencepiece trainer: what the demo (and the tests) use instead of downloads.
+"""An offline English corpus from text every CPython installation ships: what the demo (and
+the tests) use instead of downloads.
 
 Three sources, different in style so a blend of them is meaningful:
 - ``reference``: the language reference and help topics (``pydoc_data.topics``);
@@ -12,7 +12,6 @@ from __future__ import annotations
 import builtins
 import importlib
 import inspect
-from pathlib import Path
 
 LIBRARY_MODULES = (
     "argparse", "ast", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
@@ -48,19 +47,3 @@ def _docstrings(obj, depth: int = 2) -> list[str]:
             docs.extend(_docstrings(member, depth - 1))
     return docs
 
-
-def train_sentencepiece(documents: list[str], path: Path, vocab_size: int) -> Path:
-    """A LLaMA-2 style model (BPE, byte fallback, unk/bos/eos = 0/1/2, no pad) at ``path``."""
-    import sentencepiece as spm
-
-    # sentencepiece silently drops "sentences" over 4 kB: train on lines.
-    lines = [line for doc in documents for line in doc.splitlines() if line.strip()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as model_file:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model_file, vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=1, minloglevel=2,
-        )
-    return path

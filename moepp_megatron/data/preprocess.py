@@ -37,7 +37,14 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from moepp_megatron.data.readers import Document, SkipLog, expand_inputs, read_documents
+from moepp_megatron.data.cli import add_input_arguments, run
+from moepp_megatron.data.readers import (
+    Document,
+    SkipLog,
+    check_readers,
+    expand_inputs,
+    read_documents,
+)
 from moepp_megatron.known_warnings import ignore_known_warnings
 
 __all__ = ["PreprocessSummary", "main", "preprocess"]
@@ -65,9 +72,7 @@ class PreprocessSummary:
         ]
         if self.empty:
             lines.append(f"  empty documents (no tokens, not written): {self.empty:,}")
-        if self.skipped.count:
-            lines.append(f"  skipped records: {self.skipped.count:,}; the first ones:")
-            lines += [f"    {record}" for record in self.skipped.first]
+        lines += [f"  {line}" for line in self.skipped.report()]
         return "\n".join(lines)
 
 
@@ -92,6 +97,7 @@ def preprocess(
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.monotonic()
     files = expand_inputs(inputs)
+    check_readers(files)
     tokenizer = load_tokenizer(tokenizer_model)  # fail on a bad model before reading anything
     prefix = Path(output_prefix).expanduser().absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -256,17 +262,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE_OR_DIR_OR_GLOB",
-        help="input files, directories (searched recursively) or globs",
-    )
+    add_input_arguments(parser)
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
-    parser.add_argument(
-        "--text-field", default="text", help="JSON key / parquet column holding the text"
-    )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--strict", action="store_true", help="stop at the first malformed record")
     parser.add_argument(
         "--no-append-eos", dest="append_eos", action="store_false",
         help="do not end every document with the EOS token",
@@ -277,25 +276,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     ignore_known_warnings()
-    try:
-        summary = preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer_model,
-            text_field=args.text_field,
-            workers=args.workers,
-            strict=args.strict,
-            append_eos=args.append_eos,
-            progress=True,
-        )
-    except KeyboardInterrupt:
-        print("\nmoepp-preprocess: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit 1
-        print(f"moepp-preprocess: error: {err}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+    return run("moepp-preprocess", lambda: preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer_model,
+        text_field=args.text_field,
+        workers=args.workers,
+        strict=args.strict,
+        append_eos=args.append_eos,
+        progress=True,
+    ))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from moepp_megatron.data.local_corpus import train_sentencepiece
+from moepp_megatron.data.train_tokenizer import train_sentencepiece
 
 MANIFEST = "manifest.json"
 
@@ -149,7 +149,10 @@ def build_corpus(spec_name: str, directory: Path, workers: int = 2) -> Corpus:
     step = max(1, len(train_lines) // spec.tokenizer_lines)
     print(f"corpus {spec.name}: {sum(files.values())} files; training the tokenizer on every "
           f"{step}th of {len(train_lines):,} training lines", flush=True)
-    tokenizer = train_sentencepiece(train_lines[::step], directory / "tokenizer.model", spec.vocab_size)
+    # Whitespace folded: the tokenizer of the recorded results (its SHA-256 is in the records).
+    tokenizer = train_sentencepiece(
+        train_lines[::step], directory / "tokenizer.model", spec.vocab_size, keep_whitespace=False
+    )
     del train_lines
 
     summaries = {}

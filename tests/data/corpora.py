@@ -51,3 +51,10 @@ def write_records(path: Path, records: list[dict], row_group_size: int | None = 
 
 def write_texts(path: Path, texts: list[str] = TEXTS, **kwargs) -> Path:
     return write_records(path, [{"text": t, "id": i} for i, t in enumerate(texts)], **kwargs)
+
+
+def cut_short(path: Path, fraction: float = 0.5) -> Path:
+    """Keep the first ``fraction`` of the file's bytes, like a download that stopped."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from moepp_megatron.data import preprocess as preprocess_module
 from moepp_megatron.data.preprocess import preprocess
 from moepp_megatron.data.readers import MalformedRecordError
-from tests.data.corpora import FORMATS, TEXTS, write_lines, write_records, write_texts
+from tests.data.corpora import FORMATS, TEXTS, cut_short, write_lines, write_records, write_texts
 
 EOS = 2
 
@@ -136,6 +137,24 @@ def test_cli_end_to_end(tmp_path, sp_model, sp_reference):
     assert "Warning" not in result.stderr
     prefix = tmp_path / "data" / "src" / "src_text_document"
     assert _documents(prefix) == _expected(sp_reference, TEXTS + TEXTS[:2])
+
+
+def test_cli_a_file_cut_short_is_reported_and_strict_stops_at_it(tmp_path, sp_model, sp_reference):
+    texts = [f"document {i} " * 20 for i in range(300)]
+    cut = cut_short(write_texts(tmp_path / "cut.jsonl.gz", texts))
+    write_texts(tmp_path / "whole.jsonl")
+    kept = texts[: len(list(preprocess_module.read_documents(cut)))]
+    damage = f"{len(kept) + 1}: damaged compressed file (Compressed file ended"
+    result = _cli(
+        "--input", "cut.jsonl.gz", "whole.jsonl", "--tokenizer-model", str(sp_model),
+        "--output-prefix", "out/doc", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"    cut.jsonl.gz:{damage}" in result.stdout
+    assert _documents(tmp_path / "out" / "doc") == _expected(sp_reference, kept + TEXTS)
+    with pytest.raises(MalformedRecordError, match=f"^{re.escape(f'{cut}:{damage}')}"):
+        preprocess([str(cut)], tmp_path / "strict" / "doc", sp_model, strict=True)
+    assert _entries(tmp_path / "strict") == []
 
 
 def test_cli_errors_are_one_line_with_nonzero_status(tmp_path, sp_model):

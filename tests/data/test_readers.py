@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+from moepp_megatron.data import readers
 from moepp_megatron.data.readers import (
     MalformedRecordError,
     SkipLog,
+    check_readers,
     expand_inputs,
     read_documents,
 )
-from tests.data.corpora import FORMATS, TEXTS, write_lines, write_records, write_texts
+from tests.data.corpora import FORMATS, TEXTS, cut_short, write_lines, write_records, write_texts
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
@@ -74,6 +78,52 @@ def test_strict_mode_raises_on_missing_text_field(tmp_path):
     path = write_records(tmp_path / "c.jsonl", [{"text": "ok"}, {"title": "no text"}])
     with pytest.raises(MalformedRecordError, match=f"{path}:2: no 'text' field"):
         list(read_documents(path, strict=True))
+
+
+# .zst: cut inside the second of its two frames.
+@pytest.mark.parametrize("suffix, fraction", [(".jsonl.gz", 0.5), (".jsonl.zst", 0.75)])
+def test_a_file_cut_short_keeps_the_records_before_the_cut(tmp_path, suffix, fraction):
+    texts = [f"document {i} " * 20 for i in range(300)]
+    path = cut_short(write_texts(tmp_path / f"c{suffix}", texts), fraction)
+    skipped = SkipLog(keep=0)
+    documents = list(read_documents(path, skipped=skipped))
+    assert 0 < len(documents) < len(texts)
+    assert [d.text for d in documents] == texts[: len(documents)]
+    assert skipped.count == 1 and skipped.first == []  # listed whatever keep says
+    [damaged] = skipped.damaged_files
+    cut = len(documents) + 1
+    assert str(damaged).startswith(f"{path}:{cut}: damaged compressed file (")
+    assert skipped.report()[-2:] == ["damaged files, read up to the damage: 1", f"  {damaged}"]
+    with pytest.raises(MalformedRecordError, match=f"^{path}:{cut}: damaged compressed file"):
+        list(read_documents(path, strict=True))
+
+
+def test_a_gzip_checksum_error_is_reported_after_the_records(tmp_path):
+    path = write_texts(tmp_path / "c.jsonl.gz")
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the trailer's CRC-32
+    path.write_bytes(data)
+    skipped = SkipLog()
+    assert [d.text for d in read_documents(path, skipped=skipped)] == TEXTS
+    assert [r.line for r in skipped.damaged_files] == [len(TEXTS) + 1]
+    assert "CRC check failed" in skipped.damaged_files[0].reason
+
+
+# 3 bytes: frames span many reads; 1 MB: one read holds both frames.
+@pytest.mark.parametrize("read_bytes", [3, 1 << 20])
+def test_zstd_frames_whatever_the_read_size(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(readers, "_ZSTD_READ_BYTES", read_bytes)
+    path = write_texts(tmp_path / "c.jsonl.zst")  # two frames
+    skipped = SkipLog()
+    assert [d.text for d in read_documents(path, skipped=skipped)] == TEXTS
+    assert skipped.count == 0
+
+
+def test_parquet_without_pyarrow_is_refused_before_reading(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    check_readers([Path("a.jsonl")])
+    with pytest.raises(ImportError, match=r'^b.parquet: .*pip install -e "\.\[data\]"'):
+        check_readers([Path("a.jsonl"), Path("b.parquet")])
 
 
 def test_parquet_with_many_row_groups(tmp_path):
