@@ -2,8 +2,8 @@
 reported, each in a fresh process (median wall time of a few runs).
 
 Commands are the package's console scripts (its installed entry points); the "mistake"
-cases are what a new user runs into first: a config key that does not exist, and a
-tokenizer file that is not there.
+cases are what a new user runs into first: a config key that does not exist, a warmup
+longer than the run, and a tokenizer file that is not there.
 """
 
 from __future__ import annotations
@@ -12,20 +12,28 @@ import importlib.metadata
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from moepp_megatron.bench.records import REPO_ROOT
 
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny-cpu.yaml")
-MISTAKES = {
-    "moepp-train: unknown config key": ["moepp-train", "--config", TINY_CONFIG, "model.moe.nope=1"],
-    "moepp-train --dry-run": ["moepp-train", "--dry-run", "--config", TINY_CONFIG, "parallel.cpu_mode=true"],
-    "moepp-preprocess: missing tokenizer": [
-        "moepp-preprocess", "--input", TINY_CONFIG, "--output-prefix", "/tmp/moepp-startup-bench",
-        "--tokenizer-model", "/nonexistent/tokenizer.model",
-    ],
-}
+
+
+def mistakes(work_dir: Path) -> dict[str, list[str]]:
+    corpus = work_dir / "corpus.jsonl"
+    corpus.write_text('{"text": "a document"}\n')
+    return {
+        "moepp-train: unknown config key": ["moepp-train", "--config", TINY_CONFIG, "model.moe.nope=1"],
+        "moepp-train: warmup longer than the run": [
+            "moepp-train", "--check", "--config", TINY_CONFIG, "training.train_iters=10", "optim.warmup_iters=10",
+        ],
+        "moepp-preprocess: missing tokenizer": [
+            "moepp-preprocess", "--input", str(corpus), "--output-prefix", str(work_dir / "out"),
+            "--tokenizer-model", str(work_dir / "missing.model"),
+        ],
+    }
 
 
 def console_scripts() -> list[str]:
@@ -48,11 +56,13 @@ def time_command(argv: list[str], repeats: int, cwd: Path) -> dict:
 
 
 def bench(repeats: int) -> list[dict]:
-    cases = {f"{name} --help": [name, "--help"] for name in console_scripts()} | MISTAKES
-    results = []
-    for case, argv in cases.items():
-        row = {"case": case, **time_command(argv, repeats, REPO_ROOT)}
-        shown = "not installed" if row.get("missing") else f"{row['seconds']:.2f} s (exit {row['exit_code']})"
-        print(f"{case:45s} {shown}", flush=True)
-        results.append(row)
-    return results
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {f"{name} --help": [name, "--help"] for name in console_scripts()} | mistakes(Path(tmp))
+        return [_time_case(case, argv, repeats) for case, argv in cases.items()]
+
+
+def _time_case(case: str, argv: list[str], repeats: int) -> dict:
+    row = {"case": case, **time_command(argv, repeats, REPO_ROOT)}
+    shown = "not installed" if row.get("missing") else f"{row['seconds']:.2f} s (exit {row['exit_code']})"
+    print(f"{case:45s} {shown}", flush=True)
+    return row

@@ -88,16 +88,18 @@ def preprocess(
     progress: bool = False,
 ) -> PreprocessSummary:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx (see the module docstring)."""
-    # Imported here so that main() can silence megatron's import-time notices first.
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    start = time.monotonic()
+    # Missing inputs, readers or tokenizer are reported before megatron-core's import (seconds).
+    files = expand_inputs(inputs)
+    check_readers(files)
+    if not Path(tokenizer_model).expanduser().is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from moepp_megatron.data.tokenizer import load_tokenizer
 
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    start = time.monotonic()
-    files = expand_inputs(inputs)
-    check_readers(files)
     tokenizer = load_tokenizer(tokenizer_model)  # fail on a bad model before reading anything
     prefix = Path(output_prefix).expanduser().absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)

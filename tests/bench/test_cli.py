@@ -124,3 +124,14 @@ def test_train_benchmark_record(tmp_path):
     assert share == vanilla["expert_layer_share"] and gain == pytest.approx(535.3 / 427.6)
     assert target["target_speedup"] == pytest.approx(1 / (1 - share + share / gain))
     assert target["measured_speedup"] == vanilla["step"]["median_ms"] / moepp["step"]["median_ms"]
+
+
+def test_startup_mistakes_fail_fast_with_one_line(tmp_path):
+    """The cases ``moepp-bench startup`` times are real mistakes: each exits 1 with one
+    error line (what is timed is the time to that message)."""
+    from moepp_megatron.bench.startup import mistakes, time_command
+
+    for case, argv in mistakes(tmp_path).items():
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, (case, out.stderr)
+    assert time_command(["no-such-command-here"], 1, tmp_path) == {"argv": ["no-such-command-here"], "missing": True}
