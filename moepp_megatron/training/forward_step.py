@@ -3,8 +3,8 @@
 A batch is a dict of [b, s] tensors: ``tokens``, ``labels``, ``loss_mask`` and
 ``position_ids``. The loss is the mean token cross-entropy of the micro-batch; the
 schedules divide it by the number of micro-batches and set the MoE aux-loss scale.
-Every pipeline stage reads the batch (inner stages ignore the tokens and use the
-activations received from the previous stage).
+Only chunks that embed tokens (first pipeline stage) or compute the loss (last) read
+batches; an inner chunk has no data iterator and works on the activations it receives.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+def gpt_forward_step(data_iterator: Iterator[dict] | None, model: torch.nn.Module):
+    if data_iterator is None:  # an inner pipeline chunk: its input is the previous stage's output
+        return model(None, None, None), None
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(masked_token_loss, batch["loss_mask"])

@@ -127,6 +127,7 @@ class Trainer:
         self.state = self._restore()
         self.metrics.open(self.state.iteration)
         self._nonfinite_in_a_row = 0
+        self.stop_agreed = False  # set by every step's collective (_agree)
         if self.complete:
             self.train_iterator = None  # nothing to train: no data to read (it may be used up)
             return
@@ -137,6 +138,7 @@ class Trainer:
             train_samples=g.train_iters * g.global_batch_size,
             valid_samples=config.training.eval_iters * g.global_batch_size,
             test_samples=0, seed=config.seed if config.data.seed is None else config.data.seed,
+            is_built_on_rank=_reads_data,
         )[:2]
         self.train_iterator = self._batches(self.train_data, self.state.consumed_samples)
 
@@ -177,7 +179,8 @@ class Trainer:
 
     def _batches(self, dataset, consumed_samples: int):
         """One iterator per model chunk over the same micro-batches (the interleaved
-        schedule advances each chunk's own; inner stages ignore the tokens)."""
+        schedule advances each chunk's own); None for a chunk that neither embeds tokens nor
+        computes the loss (it works on the activations it receives), as Megatron-LM does."""
         iterators = [
             build_data_iterator(
                 dataset, consumed_samples=consumed_samples,
@@ -185,31 +188,28 @@ class Trainer:
                 dp_rank=parallel_state.get_data_parallel_rank(),
                 dp_size=parallel_state.get_data_parallel_world_size(),
                 num_workers=self.config.data.num_workers,
-            )
-            for _ in self.chunks
+            ) if chunk.pre_process or chunk.post_process else None
+            for chunk in self.chunks
         ]
         return iterators if len(iterators) > 1 else iterators[0]
-
-    def _stop_requested(self) -> bool:
-        """Collective: whether any rank received a stop signal (each rank then finishes
-        the same step, and all stop together)."""
-        flag = torch.tensor([1.0 if stop_request.signal else 0.0], device=self._device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     @property
     def _device(self) -> torch.device:
         return torch.device("cpu") if self.config.parallel.cpu_mode else torch.device("cuda")
 
-    def _mean_loss(self, losses: list[dict]) -> float:
-        """Mean lm loss over micro-batches and data-parallel ranks, on every rank."""
-        total = torch.zeros(2, device=self._device)
+    def _agree(self, losses: list[dict]) -> tuple[float, bool]:
+        """Collective, and the step's one host synchronisation: the mean lm loss over
+        micro-batches and data-parallel ranks (NaN without losses), and whether any rank
+        received a stop signal (each rank then finishes the same step; all stop together)."""
+        total = torch.zeros(3, device=self._device)
         # Losses live on the last pipeline stage, identical across its TP ranks: count one.
         if losses and parallel_state.get_tensor_model_parallel_rank() == 0:
             total[0] = torch.stack([item["lm loss"] for item in losses]).sum()
             total[1] = len(losses)
+        total[2] = 1.0 if stop_request.signal else 0.0
         dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        loss, stops = torch.stack([total[0] / total[1], total[2]]).tolist()
+        return loss, stops > 0
 
     def train_step(self) -> dict:
         g = self.geometry
@@ -222,7 +222,7 @@ class Trainer:
             model=self.models, num_microbatches=g.num_microbatches, seq_length=g.seq_length,
             micro_batch_size=g.micro_batch_size, forward_only=False,
         )
-        loss = self._mean_loss(losses)
+        loss, self.stop_agreed = self._agree(losses)
         self.state.consumed_samples += g.global_batch_size
         self.state.iteration += 1
         if not math.isfinite(loss):
@@ -294,7 +294,7 @@ class Trainer:
             _close(data)
         for model in self.models:
             model.train()
-        return self._mean_loss(losses)
+        return self._agree(losses)[0]
 
     def _moe_metrics(self, steps: int) -> dict:
         scale = 1.0 / (steps * self.geometry.num_microbatches)
@@ -362,9 +362,13 @@ class Trainer:
                 return 0
             return code
         finally:
-            _close(self.train_iterator)
-            self.metrics.close()
-            self.lock.release()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the data-loader workers, close the metric writers, release the run directory."""
+        _close(self.train_iterator)
+        self.metrics.close()
+        self.lock.release()
 
     def _train(self) -> int:
         cfg, g = self.config, self.geometry
@@ -372,7 +376,7 @@ class Trainer:
             self.metrics.print(f"the run is complete: iteration {self.state.iteration} of "
                                f"{g.train_iters} (checkpoints in {self.checkpointer.directory}); nothing to do")
             return 0
-        if self._stop_requested():
+        if self._agree([])[1]:
             self.metrics.print(f"{stop_request.signal} arrived during start-up: stopping at iteration "
                                f"{self.state.iteration} before training")
             return EXIT_PREEMPTED
@@ -404,7 +408,7 @@ class Trainer:
             if it % cfg.checkpoint.save_interval == 0:
                 self.save()
                 last_saved = it
-            stop = self._stop_requested()
+            stop = self.stop_agreed
             budget = cfg.training.exit_after_iters
             if stop or (budget is not None and it - job_start >= budget):
                 if last_saved != it:
@@ -451,12 +455,18 @@ def _lock_run_dir(run_dir: Path, metrics: MetricsLogger) -> RunDirLock:
     return lock
 
 
+def _reads_data() -> bool:
+    """Only the first and last pipeline stages read batches (tokens; labels and loss mask):
+    inner stages build no datasets and start no data-loader workers."""
+    return parallel_state.is_pipeline_first_stage(ignore_virtual=True) or parallel_state.is_pipeline_last_stage(
+        ignore_virtual=True)
+
+
 def _close(batches) -> None:
     """Stop the DataLoader workers of an iterator, or of the iterators of the model chunks."""
-    if batches is None:
-        return
     for iterator in batches if isinstance(batches, list) else [batches]:
-        iterator.close()
+        if iterator is not None:
+            iterator.close()
 
 
 def _summary_line(iteration: int, train_iters: int, record: dict) -> str:

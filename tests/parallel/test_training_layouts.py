@@ -14,6 +14,8 @@ LAYOUTS = {
     "ep2": (2, ["parallel.expert=2"]),
     "pp2": (2, ["parallel.pipeline=2", "parallel.expert=1"]),
     "pp2-vpp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.expert=1"]),
+    # Inner stages read no data (tests/training/test_pipeline_data.py).
+    "pp4": (4, ["parallel.pipeline=4", "parallel.expert=1"]),
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1"]),
 }
 
