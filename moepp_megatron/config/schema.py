@@ -377,8 +377,6 @@ class CheckpointConfig:
     # checkpoint in this directory, which must verify (another run's ``checkpoints/``, or
     # the output of moepp-convert from-hf); unused when the run resumes from its own.
     init_from: Optional[str] = None
-    # Not implemented: nothing reads it, and every save is synchronous.
-    async_save: bool = False
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 1, "checkpoint.save_interval", "must be >= 1")

@@ -69,9 +69,18 @@ def resolve_checkpoint(path: str | Path, iteration: Optional[int] = None) -> tup
     return directory, iteration
 
 
+# Fields older checkpoints' config.yaml hold that the schema no longer has (nothing ever
+# read them).
+RETIRED_FIELDS = {"checkpoint": ("async_save",)}
+
+
 def read_run_config(directory: Path, iteration: int) -> dict:
     path = iteration_dir(directory, iteration) / CONFIG_FILE
-    return yaml.safe_load(path.read_text())
+    saved = yaml.safe_load(path.read_text())
+    for section, names in RETIRED_FIELDS.items():
+        for name in names:
+            saved.get(section, {}).pop(name, None)
+    return saved
 
 
 def single_process() -> None:
