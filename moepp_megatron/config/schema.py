@@ -181,6 +181,19 @@ class ParallelConfig:
     # With recompute: selective, the modules whose activations are recomputed in the
     # backward pass (megatron's recompute_modules: core_attn, mlp, moe, moe_act, layernorm).
     recompute_modules: list[str] = field(default_factory=lambda: ["moe"])
+    # Reduce gradients bucket by bucket while backward still runs (megatron DDP's
+    # overlap_grad_reduce), instead of all at once after it.
+    overlap_grad_reduce: bool = False
+    # With optim.use_distributed_optimizer: gather each bucket's updated parameters during
+    # the next forward pass (megatron DDP's overlap_param_gather), instead of right after the
+    # optimizer step.
+    overlap_param_gather: bool = False
+    # Parameters per gradient-communication bucket; null = megatron's default,
+    # max(40M, 1M x data-parallel size).
+    ddp_bucket_size: Optional[int] = None
+    # Average gradients inside the collective (one operation) instead of dividing by the
+    # data-parallel size before a sum.
+    average_in_collective: bool = False
     # Run on CPU with gloo (development and tests); MOEPP_CPU_MODE=1 sets it too. Refused
     # when CUDA is available.
     cpu_mode: bool = False

@@ -186,6 +186,9 @@ def _layout(config: RunConfig, world_size: int) -> Layout:
     except ValueError as e:
         raise ConfigError(f"parallel (tensor={p.tensor}, pipeline={p.pipeline}, expert={p.expert}) "
                           f"on {world_size} processes: {e}") from None
+    if p.overlap_param_gather and not config.optim.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs optim.use_distributed_optimizer=true (only the "
+                          "distributed optimizer gathers parameters)")
     if moe.num_ffn_experts % p.expert:
         raise ConfigError(f"model.moe.num_ffn_experts={moe.num_ffn_experts} is not divisible by "
                           f"parallel.expert={p.expert}")

@@ -4,6 +4,7 @@ step -> log -> evaluate -> checkpoint, until done or asked to stop."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,7 +24,7 @@ from megatron.core.transformer.module import Float16Module
 
 from moepp_megatron.config.loader import resolved_config_yaml, to_dict
 from moepp_megatron.files import write_durably
-from moepp_megatron.config.schema import RunConfig
+from moepp_megatron.config.schema import ParallelConfig, RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets
 from moepp_megatron.data.tokenizer import load_tokenizer
 from moepp_megatron.model.builder import build_model
@@ -63,18 +64,57 @@ class NonFiniteWeightsError(RuntimeError):
     pass
 
 
+def ddp_config(parallel: ParallelConfig, use_distributed_optimizer: bool) -> DistributedDataParallelConfig:
+    """megatron's DDP settings: gradients reduced in fp32, communication as configured."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce, overlap_param_gather=parallel.overlap_param_gather,
+        bucket_size=parallel.ddp_bucket_size, average_in_collective=parallel.average_in_collective,
+    )
+
+
 def wrap_for_training(
-    gpt, cpu_mode: bool, bf16: bool, use_distributed_optimizer: bool = False
+    gpt, cpu_mode: bool, bf16: bool, ddp: DistributedDataParallelConfig | None = None
 ) -> DistributedDataParallel:
-    """A model chunk on its device, in bf16 when asked, in megatron's DDP (fp32 gradients)."""
+    """A model chunk on its device, in bf16 when asked, in megatron's DDP (fp32 gradients;
+    ``ddp``: the settings of :func:`ddp_config`, by default no overlap)."""
     if not cpu_mode:
         gpt.cuda(torch.cuda.current_device())
     module = Float16Module(gpt.config, gpt) if bf16 else gpt
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
-    )
     gpt.config.finalize_model_grads_func = finalize_model_grads
-    return DistributedDataParallel(gpt.config, ddp_config, module)
+    return DistributedDataParallel(gpt.config, ddp or DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
+
+
+def hook_communication(models: list[DistributedDataParallel], ddp: DistributedDataParallelConfig) -> None:
+    """Tell megatron's schedules how to drive overlapped communication (as Megatron-LM's
+    training loop does): hold gradient reduction back until a micro-batch group's last
+    backward, and start each chunk's reduction as soon as its backward is done."""
+    if not ddp.overlap_grad_reduce:
+        return
+    config = models[0].config  # shared by every chunk
+
+    def one_or_list(functions):
+        return functions[0] if len(functions) == 1 else functions
+
+    config.no_sync_func = one_or_list([model.no_sync for model in models])
+    config.grad_sync_func = one_or_list([model.start_grad_sync for model in models])
+
+
+@contextlib.contextmanager
+def parameters_in_sync(models: list[DistributedDataParallel], ddp: DistributedDataParallelConfig):
+    """With overlapped parameter gathering, parameters are complete only once the next
+    forward has gathered them: validation and saving gather them first, and the hooks
+    return afterwards (Megatron-LM's disable/enable_forward_pre_hook)."""
+    if not ddp.overlap_param_gather:
+        yield
+        return
+    for model in models:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for model in models:
+            model.enable_forward_pre_hook()
 
 
 def use_deterministic_kernels() -> None:
@@ -115,10 +155,9 @@ class Trainer:
         self.chunks = build_model(
             self.model_config, p, bf16=self.bf16, deterministic=config.training.deterministic
         )
-        self.models = [
-            wrap_for_training(chunk, p.cpu_mode, self.bf16, config.optim.use_distributed_optimizer)
-            for chunk in self.chunks
-        ]
+        self.ddp = ddp_config(p, config.optim.use_distributed_optimizer)
+        self.models = [wrap_for_training(chunk, p.cpu_mode, self.bf16, self.ddp) for chunk in self.chunks]
+        hook_communication(self.models, self.ddp)
         self.optimizer, self.scheduler = build_optimizer(
             self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters,
             override_scheduler=config.checkpoint.override_scheduler,
@@ -266,14 +305,15 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation lm loss, with the training capacity; with ``training.eval_dropless``
         also dropless (``lm_loss_dropless``), as the HF inference code routes."""
-        results = {"lm_loss": self._validation_loss()}
-        if self.config.training.eval_dropless:
-            config = self.chunks[0].config
-            if has_capacity(config):
-                with dropless(config):
-                    results["lm_loss_dropless"] = self._validation_loss()
-            else:
-                results["lm_loss_dropless"] = results["lm_loss"]
+        with parameters_in_sync(self.models, self.ddp):
+            results = {"lm_loss": self._validation_loss()}
+            if self.config.training.eval_dropless:
+                config = self.chunks[0].config
+                if has_capacity(config):
+                    with dropless(config):
+                        results["lm_loss_dropless"] = self._validation_loss()
+                else:
+                    results["lm_loss_dropless"] = results["lm_loss"]
         return results
 
     @torch.no_grad()
@@ -329,11 +369,12 @@ class Trainer:
         return training_flops_per_token(self.config.model, self.config.parallel, measured)
 
     def save(self) -> None:
-        self._check_weights_finite()
-        path = self.checkpointer.save(
-            self.state.iteration, self.chunks, self.optimizer, self.scheduler, self.state,
-            self.resolved_config,
-        )
+        with parameters_in_sync(self.models, self.ddp):
+            self._check_weights_finite()
+            path = self.checkpointer.save(
+                self.state.iteration, self.chunks, self.optimizer, self.scheduler, self.state,
+                self.resolved_config,
+            )
         self.metrics.print(f"saved checkpoint {path}")
 
     def _check_weights_finite(self) -> None:
