@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, write_record
+from moepp_megatron.bench.records import write_record
 from moepp_megatron.config.loader import load_config
 from moepp_megatron.parallel.initialize import free_port
 from moepp_megatron.study.config import StudyConfig
@@ -158,7 +158,7 @@ def with_ratios(results: list[dict], reference: str) -> list[dict]:
     return results
 
 
-def run_study(config_path: Path, work_dir: Path, results_dir: Path = DEFAULT_RESULTS_DIR) -> Path:
+def run_study(config_path: Path, work_dir: Path, results_dir: Path) -> Path:
     from moepp_megatron.config.loader import load_typed
 
     study = load_typed(StudyConfig, config_path)
