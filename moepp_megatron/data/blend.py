@@ -37,6 +37,7 @@ __all__ = ["DataFileError", "Mixture", "build_gpt_datasets", "check_sources", "r
 # In data.cache_dir: the SHA-256 of every index file megatron cached there.
 CACHE_CHECKSUMS = "checksums.json"
 
+
 @dataclass
 class Mixture:
     """The content of a mixture file (``configs/data/*.yaml``)."""
