@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from moepp_megatron.config.packaged import CONFIGS_DIR
 from moepp_megatron.known_warnings import ignore_known_warnings
 from moepp_megatron.training.metrics import read_metrics
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
+CONFIG = CONFIGS_DIR / "demo-cpu.yaml"
 BLEND = {"reference": 0.5, "library": 0.3, "builtins": 0.2}
 
 

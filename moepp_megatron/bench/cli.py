@@ -20,7 +20,7 @@ import dataclasses
 from pathlib import Path
 
 from moepp_megatron.bench.presets import PRESETS, TAUS
-from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, REPO_ROOT, write_record
+from moepp_megatron.bench.records import repo_default, write_record
 from moepp_megatron.bench.report import update_readme
 
 # (CPU, GPU) defaults.
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, timed=True):
-        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+        p.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
         p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                        help="dotted model overrides, e.g. model.moe.grouped_gemm=true")
         if timed:
@@ -93,16 +93,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="balanced: every layer at its loss's balance (tau for MoE++); init: fresh routers")
 
     p = sub.add_parser("startup", help="seconds until each command's --help and first error")
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    p.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
     p.add_argument("--repeats", type=int, default=3)
 
     p = sub.add_parser("all", help="every benchmark with its defaults, then report")
     common(p)
-    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    p.add_argument("--readme", type=Path, **repo_default("README.md"))
 
     p = sub.add_parser("report", help="rebuild README.md's Performance tables from the latest records")
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    p.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
+    p.add_argument("--readme", type=Path, **repo_default("README.md"))
     return parser
 
 

@@ -15,13 +15,11 @@ from megatron.core.transformer.spec_utils import build_module
 
 from moepp_megatron.bench.distributions import balanced_assignment, balanced_shares, uniform_shares
 from moepp_megatron.bench.presets import PRESETS
-from moepp_megatron.bench.records import REPO_ROOT
 from moepp_megatron.config.loader import load_config
+from moepp_megatron.config.packaged import CONFIGS_DIR
 from moepp_megatron.config.schema import ModelConfig, ParallelConfig
 from moepp_megatron.model.builder import transformer_config, transformer_engine_available
 from moepp_megatron.model.specs import decoder_block_spec
-
-CONFIGS_DIR = REPO_ROOT / "configs"
 
 
 def preset_model(name: str, overrides: list[str] = ()) -> ModelConfig:

@@ -42,10 +42,10 @@ from typing import Optional
 import torch
 
 from moepp_megatron.bench.records import (
-    DEFAULT_RESULTS_DIR,
     REPO_ROOT,
     new_record,
     new_record_path,
+    repo_default,
     save_record,
     write_record,
 )
@@ -211,8 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--wheel-dir", type=Path, default=WHEEL_DIR)
     p = sub.add_parser("run", help="run the stages (on a GPU, or --cpu-dry-run)")
     p.add_argument("--cpu-dry-run", action="store_true", help="the same stages on CPU at tiny shapes")
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    p.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
+    p.add_argument("--readme", type=Path, **repo_default("README.md"))
     p.add_argument("--out", type=Path, help="also copy every record, the log and README here as they appear")
     args = parser.parse_args(argv)
     if args.command == "prepare":

@@ -20,9 +20,17 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+# The checkout this package runs from. bench/results and README.md belong to it: a wheel
+# installed without the repository has neither (REPO_ROOT is site-packages there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file()
 RECORD_KEYS = ("schema_version", "benchmark", "created_utc", "device", "versions", "git", "config", "results")
+
+
+def repo_default(relative: str) -> dict:
+    """argparse keywords for an option whose default is a path in the repository: that
+    path in a checkout; outside one the option is required, and argparse says so."""
+    return {"default": REPO_ROOT / relative} if IN_CHECKOUT else {"required": True}
 
 
 def _cpu_name() -> str:

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from moepp_megatron.bench.records import REPO_ROOT
+from moepp_megatron.config.packaged import CONFIGS_DIR
 
-TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny-cpu.yaml")
+TINY_CONFIG = str(CONFIGS_DIR / "tiny-cpu.yaml")
 
 
 def mistakes(work_dir: Path) -> dict[str, list[str]]:
@@ -43,14 +43,14 @@ def console_scripts() -> list[str]:
     )
 
 
-def time_command(argv: list[str], repeats: int, cwd: Path) -> dict:
+def time_command(argv: list[str], repeats: int) -> dict:
     """Median wall seconds of ``argv`` in fresh processes, and its exit status."""
     if shutil.which(argv[0]) is None:
         return {"argv": argv, "missing": True}
     times, code = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        code = subprocess.run(argv, cwd=cwd, capture_output=True).returncode
+        code = subprocess.run(argv, capture_output=True).returncode
         times.append(time.perf_counter() - start)
     return {"argv": argv, "exit_code": code, "seconds": statistics.median(times), "runs": times}
 
@@ -62,7 +62,7 @@ def bench(repeats: int) -> list[dict]:
 
 
 def _time_case(case: str, argv: list[str], repeats: int) -> dict:
-    row = {"case": case, **time_command(argv, repeats, REPO_ROOT)}
+    row = {"case": case, **time_command(argv, repeats)}
     shown = "not installed" if row.get("missing") else f"{row['seconds']:.2f} s (exit {row['exit_code']})"
     print(f"{case:45s} {shown}", flush=True)
     return row

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence, TypeVar
 
 import yaml
 
+from moepp_megatron.config.packaged import find_config
 from moepp_megatron.config.schema import RunConfig
 
 T = TypeVar("T")
@@ -26,7 +27,9 @@ T = TypeVar("T")
 
 def load_config(paths: str | Path | Sequence[str | Path], overrides: Iterable[str] = ()) -> RunConfig:
     """Read run config file(s) (following ``base:`` links; later files win) and apply
-    dotted overrides, e.g. a model preset, then a recipe, then ``data.root=...``."""
+    dotted overrides, e.g. a model preset, then a recipe, then ``data.root=...``. A file
+    not in the working directory is looked up among the packaged configs
+    (:func:`~moepp_megatron.config.packaged.find_config`): ``moepp-0.6b-8+4e`` is a preset."""
     return load_typed(RunConfig, paths, overrides)
 
 
@@ -35,7 +38,7 @@ def load_typed(cls: type[T], paths: str | Path | Sequence[str | Path], overrides
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     data: dict = {}
     for path in paths:
-        data = _merge(data, _read_with_bases(Path(path), seen=()))
+        data = _merge(data, _read_with_bases(find_config(path), seen=()))
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()

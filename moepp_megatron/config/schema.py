@@ -246,7 +246,8 @@ class DataConfig:
     # from; "" = the working directory.
     root: str = ""
     # A YAML file with a ``sources:`` list (see configs/data/); a relative path is taken
-    # from the repository root. Give either this or ``sources``.
+    # from the working directory, else from the package (configs/data/mix-s1.yaml is
+    # packaged). Give either this or ``sources``.
     mixture: Optional[str] = None
     # The training blend inline: a list of {prefix, weight}. Give either this or
     # ``mixture``.

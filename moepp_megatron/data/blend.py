@@ -28,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _IndexReader
 
 from moepp_megatron.config.loader import from_dict
+from moepp_megatron.config.packaged import find_config
 from moepp_megatron.config.schema import DataConfig, DataSource
 from moepp_megatron.files import sha256_of, write_durably
 
@@ -35,8 +36,6 @@ __all__ = ["DataFileError", "Mixture", "build_gpt_datasets", "check_sources", "r
 
 # In data.cache_dir: the SHA-256 of every index file megatron cached there.
 CACHE_CHECKSUMS = "checksums.json"
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -46,16 +45,17 @@ class Mixture:
     sources: list[DataSource] = field(default_factory=list)
 
 
-def resolve_sources(data_cfg: DataConfig, config_dir: Path | None = None) -> list[DataSource]:
+def resolve_sources(data_cfg: DataConfig) -> list[DataSource]:
     """The blend's sources with absolute prefixes (weights as given, not normalised), the
     held-out ``data.valid_sources`` after them.
 
-    A relative ``data.mixture`` path is taken from ``config_dir`` when given, else from the
-    repository root; relative prefixes are taken from ``data.root`` (itself relative to the
-    working directory when not absolute).
+    A relative ``data.mixture`` path is taken from the working directory, else from the
+    package (``configs/data/mix-s1.yaml`` is a packaged mixture, see
+    :func:`~moepp_megatron.config.packaged.find_config`); relative prefixes are taken from
+    ``data.root`` (itself relative to the working directory when not absolute).
     """
     if data_cfg.mixture:
-        sources = _read_mixture(Path(data_cfg.mixture), config_dir)
+        sources = _read_mixture(data_cfg.mixture)
     else:
         sources = data_cfg.sources
     if not sources:
@@ -71,12 +71,8 @@ def _absolute(data_cfg: DataConfig, sources: list[DataSource]) -> list[DataSourc
     ]
 
 
-def _read_mixture(path: Path, config_dir: Path | None) -> list[DataSource]:
-    path = path.expanduser()
-    if not path.is_absolute():
-        path = (config_dir if config_dir is not None else REPO_ROOT) / path
-    if not path.is_file():
-        raise FileNotFoundError(f"data.mixture: file not found: {path}")
+def _read_mixture(mixture: str) -> list[DataSource]:
+    path = find_config(mixture, what="data.mixture")
     with open(path) as f:
         content = yaml.safe_load(f) or {}
     return from_dict(Mixture, content, where=str(path)).sources
@@ -182,7 +178,6 @@ def build_gpt_datasets(
     valid_samples: int,
     test_samples: int,
     seed: int,
-    config_dir: Path | None = None,
     is_built_on_rank: Callable[[], bool] = lambda: True,
 ):
     """(train, valid, test) datasets of the blend; a split with no share in ``data.split`` is
@@ -199,7 +194,7 @@ def build_gpt_datasets(
             "build_gpt_datasets: initialise torch.distributed first (a single process too: "
             "megatron's dataset builder synchronises ranks through it)"
         )
-    sources = resolve_sources(data_cfg, config_dir)
+    sources = resolve_sources(data_cfg)
     check_sources(sources)
     if data_cfg.valid_sources:
         held_out = len(sources) - len(data_cfg.valid_sources)  # resolve_sources puts them last

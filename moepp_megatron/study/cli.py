@@ -17,11 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, REPO_ROOT
+from moepp_megatron.bench.records import repo_default
+from moepp_megatron.config.packaged import CONFIGS_DIR
 from moepp_megatron.study import report
 
-STUDY_CONFIGS = REPO_ROOT / "configs" / "study"
-PLOT_DIR = REPO_ROOT / "bench" / "study"
+STUDY_CONFIGS = CONFIGS_DIR / "study"
 
 
 def main(argv=None) -> int:
@@ -32,9 +32,9 @@ def main(argv=None) -> int:
         which.add_argument(f"--{name}", action="store_const", const=STUDY_CONFIGS / f"{name}.yaml", dest="config")
     which.add_argument("--config", type=Path)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/study"))
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
-    parser.add_argument("--plot-dir", type=Path, default=PLOT_DIR)
+    parser.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
+    parser.add_argument("--readme", type=Path, **repo_default("README.md"))
+    parser.add_argument("--plot-dir", type=Path, **repo_default("bench/study"))
     args = parser.parse_args(argv)
     if args.command == "run":
         from moepp_megatron.study.runner import run_study  # torch and megatron-core: only to run

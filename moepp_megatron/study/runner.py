@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moepp_megatron.bench.records import DEFAULT_RESULTS_DIR, write_record
+from moepp_megatron.bench.records import write_record
 from moepp_megatron.config.loader import load_config
+from moepp_megatron.config.packaged import find_config
 from moepp_megatron.parallel.initialize import free_port
 from moepp_megatron.study.config import StudyConfig
 from moepp_megatron.study.corpus import Corpus, build_corpus
@@ -158,9 +159,10 @@ def with_ratios(results: list[dict], reference: str) -> list[dict]:
     return results
 
 
-def run_study(config_path: Path, work_dir: Path, results_dir: Path = DEFAULT_RESULTS_DIR) -> Path:
+def run_study(config_path: Path, work_dir: Path, results_dir: Path) -> Path:
     from moepp_megatron.config.loader import load_typed
 
+    config_path = find_config(config_path)  # its run_config is next to it, also when packaged
     study = load_typed(StudyConfig, config_path)
     started = time.monotonic()
     corpus = build_corpus(study.corpus, work_dir / f"corpus-{study.corpus}")

@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config", required=True, action="append",
-        help="run config YAML (see configs/, every field in docs/config.md); repeat to layer files, "
-             "later ones win",
+        help="run config YAML (see configs/, every field in docs/config.md), or a packaged one by name "
+             "(moepp-0.6b-8+4e, recipes/strategy1); repeat to layer files, later ones win",
     )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=3e-4")
     mode = parser.add_mutually_exclusive_group()

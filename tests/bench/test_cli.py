@@ -134,4 +134,4 @@ def test_startup_mistakes_fail_fast_with_one_line(tmp_path):
     for case, argv in mistakes(tmp_path).items():
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, (case, out.stderr)
-    assert time_command(["no-such-command-here"], 1, tmp_path) == {"argv": ["no-such-command-here"], "missing": True}
+    assert time_command(["no-such-command-here"], 1) == {"argv": ["no-such-command-here"], "missing": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,19 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(CONFIGS / "tiny-cpu.yaml", ["model.moe.routing=fancy"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_packaged_configs_from_any_directory(tmp_path, monkeypatch):
+    """A config not in the working directory is the packaged one: by name, or by its path in
+    the repository; a file in the working directory wins."""
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config(["moepp-0.6b-8+4e", "recipes/strategy1"])
+    assert by_name == load_config([CONFIGS / "moepp-0.6b-8+4e.yaml", CONFIGS / "recipes/strategy1.yaml"])
+    assert load_config("configs/tiny-cpu.yaml") == load_config(CONFIGS / "tiny-cpu.yaml")
+    (tmp_path / "tiny-cpu.yaml").write_text("seed: 7\n")
+    assert load_config("tiny-cpu.yaml").seed == 7
+    with pytest.raises(FileNotFoundError, match=re.escape(f"config file not found: nope (looked in {tmp_path} and in")):
+        load_config("nope")
 
 
 def test_circular_base_is_an_error(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,23 +45,36 @@ def test_resolve_relative_paths(tmp_path, monkeypatch):
     (tmp_path / "mixes" / "m.yaml").write_text(
         "sources:\n  - {prefix: a/a_doc, weight: 2}\n  - {prefix: /abs/b_doc}\n"
     )
+    monkeypatch.chdir(tmp_path)
     data = DataConfig(mixture="mixes/m.yaml", root="~/corpora")
-    sources = resolve_sources(data, config_dir=tmp_path)
+    sources = resolve_sources(data)
     assert [(s.prefix, s.weight) for s in sources] == [
         (str(Path.home() / "corpora" / "a" / "a_doc"), 2.0),
         ("/abs/b_doc", 1.0),
     ]
-    monkeypatch.chdir(tmp_path)
     inline = DataConfig(root="data", sources=[DataSource("x_doc", 0.5)])
     assert resolve_sources(inline) == [DataSource(str(tmp_path / "data" / "x_doc"), 0.5)]
 
 
-def test_mixture_errors(tmp_path):
+def test_packaged_mixture_from_any_directory(tmp_path, monkeypatch):
+    """``configs/data/mix-s1.yaml`` as the recipes write it: a file of that name in the
+    working directory wins, else the packaged one is read."""
+    monkeypatch.chdir(tmp_path)
+    data = DataConfig(mixture="configs/data/mix-s1.yaml", root="/data")
+    assert len(resolve_sources(data)) == len(SPEC_MIXTURES)
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "mix-s1.yaml").write_text("sources:\n  - {prefix: mine}\n")
+    assert resolve_sources(data) == [DataSource("/data/mine", 1.0)]
+
+
+def test_mixture_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "m.yaml").write_text("sources:\n  - {prefix: a, wieght: 2}\n")
     with pytest.raises(ValueError, match=r"m.yaml: unknown config key\(s\) sources\[0\]\.wieght"):
-        resolve_sources(DataConfig(mixture="m.yaml"), config_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        resolve_sources(DataConfig(mixture="nope.yaml"), config_dir=tmp_path)
+        resolve_sources(DataConfig(mixture="m.yaml"))
+    looked = re.escape(f"data.mixture not found: nope.yaml (looked in {tmp_path} and in the package's ")
+    with pytest.raises(FileNotFoundError, match=looked + r".*moepp_megatron/configs\)"):
+        resolve_sources(DataConfig(mixture="nope.yaml"))
     with pytest.raises(ValueError, match="no sources"):
         resolve_sources(DataConfig())
 
