@@ -86,6 +86,12 @@ class MoEPPRouter(RoutingCounters, TopKRouter):
             logits = router_gating_linear(torch.tanh(logits), self.output_weight, None, dtype)
         if self.config.moepp_gating_residual and residual_SBN is not None:
             logits = logits + router_gating_linear(residual_SBN, self.gate_map, None, dtype)
+        else:
+            # No residual to map (the first MoE++ layer, or gating residuals off): W_g still
+            # takes part, with a zero gradient, because megatron's overlapped gradient
+            # reduction (overlap_grad_reduce) waits for every parameter of a bucket. Adding
+            # an exact zero leaves the logits bit for bit as they were.
+            logits = logits + 0.0 * self.gate_map.sum()
         return logits
 
     def forward(
