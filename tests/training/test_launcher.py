@@ -1,5 +1,6 @@
 """scripts/pretrain.sh (torchrun, 2 CPU ranks) as a cluster and its users treat it.
 
+- It is quiet and informative: one start-up block, progress in the log, a summary at the end.
 - Its exit status says how the run ended: 75 when stopped by a signal with a checkpoint to
   resume from (torchrun alone would turn the workers' 75 into 1 and a failure report), 0
   when complete, and 0 again, at once, when a complete run is started again.
@@ -56,17 +57,25 @@ def test_exit_status_says_stopped_complete_and_already_complete(run_config, tmp_
     assert stopped >= 2 and "(SIGUSR1)" in job.output()
     # A stop is not a failure: no torchrun failure report, no traceback.
     assert "ChildFailedError" not in job.output() and "Traceback" not in job.output(), job.output()
+    # Quiet and informative: one start-up block, progress in every log line, no known
+    # warnings, the resolved config in the run directory rather than on the screen.
+    assert job.output().count("layout     2 processes") == 1 and "| ETA " in job.output(), job.output()
+    assert "Warning" not in job.output() and "resolved config" not in job.output(), job.output()
+    assert (run_dir / "config.yaml").is_file()
 
+    outputs = {}
     for name in ("second", "third"):
         job = Job.script(config, [f"training.train_iters={stopped + 1}"], tmp_path / name)
         try:
             assert job.wait(timeout=180) == [0], job.tail()
         finally:
             job.kill()
+        outputs[name] = job.output()
     assert _tracker(run_dir) == stopped + 1
     assert train_iterations(run_dir) == list(range(1, stopped + 2))
-    assert f"the run is complete: iteration {stopped + 1} of {stopped + 1}" in job.output()
-    assert "Traceback" not in job.output()
+    assert f"run complete: iteration {stopped + 1} of {stopped + 1}" in outputs["second"]
+    assert f"the run is complete: iteration {stopped + 1} of {stopped + 1}" in outputs["third"]
+    assert "Traceback" not in outputs["second"] + outputs["third"]
 
 
 def test_one_job_per_run_directory_and_no_orphaned_workers(run_config, tmp_path):
