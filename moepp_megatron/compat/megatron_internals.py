@@ -26,7 +26,7 @@ Written against megatron-core 0.16.1 (Python 3.11). On a bump, re-check:
     gives every torch Adam state (training/checkpointing.py);
   * ``indexed_dataset._IndexReader`` (data/blend.py).
 
-Known to change in 0.17-0.19 (Python >= 3.12; MEGATRON_NOTES.md has the table):
+Known to change in 0.17-0.19 (they need Python >= 3.12):
   * 0.17: ``MoESubmodules.experts`` become builder callables called directly instead of specs
     given to ``build_module``: model/specs.py swaps ``experts.module`` for TorchGroupedMLP,
     and the legacy ``GroupedMLP`` it subclasses is removed (``TEGroupedMLP`` and
@@ -34,7 +34,8 @@ Known to change in 0.17-0.19 (Python >= 3.12; MEGATRON_NOTES.md has the table):
   * 0.17: ``moe_utils.permute()`` returns five values instead of three. MoE++ leaves the
     permutation to the stock dispatchers; any direct call must be adapted.
   * 0.17: ``MoELayer.__init__`` takes ``is_mtp_layer`` and ``name``, the router constructor
-    ``is_mtp_layer`` (MoEPPLayer, MoEPPRouter, CountingTopKRouter pass their arguments on).
+    ``is_mtp_layer``: MoEPPLayer's, MoEPPRouter's and CountingTopKRouter's constructors must
+    take them and pass them on.
   * 0.18: GPT layer specs hold ``functools.partial(MoELayer, submodules=...)`` instead of
     ``ModuleSpec(module=MoELayer, ...)``: model/specs.py's swaps of ``.module`` and
     ``.submodules`` must edit the partial.
@@ -117,9 +118,6 @@ def set_permutation_output_size(dispatcher, num_out_tokens) -> None:
 
 
 # --- The aux-loss tracker (moepp/statistics.py) ----------------------------------------------
-
-AUX_LOSS_TRACKER_ENTRY = ("values", "reduce_group", "avg_group", "reduce_group_has_dp")
-
 
 def reduce_and_clear_aux_losses(track_names: Sequence[str], num_layers: int) -> dict[str, list[float]]:
     """Per-layer values of megatron's aux-loss tracker, reduced like megatron reduces them
