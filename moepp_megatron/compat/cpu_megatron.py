@@ -182,34 +182,6 @@ def _fix_checkpoint_without_output_fp8() -> None:
     cls.__init__ = __init__
 
 
-def _fix_distrib_optimizer_shared_adam_step() -> None:
-    # Without Apex/TE (always on CPU) the optimizer is torch Adam(W), which keeps a per-param
-    # state['step'] tensor and increments it in place. DistributedOptimizer.load_state_dict
-    # assigns ONE step tensor to every param state (`s["step"] = step`), so after resuming
-    # each optimizer.step() advances the shared counter once per param: wrong bias correction
-    # (measured: step 9/10 instead of 2 one step after resuming, params off by ~3e-3).
-    # Give every param its own copy after loading.
-    import torch
-    from megatron.core.optimizer import distrib_optimizer
-
-    cls = distrib_optimizer.DistributedOptimizer
-    orig = cls.load_state_dict
-    if getattr(orig, "_moepp_cpu_wrapped", False):
-        return
-
-    @functools.wraps(orig)
-    def load_state_dict(self, state_dict):
-        result = orig(self, state_dict)
-        for state in self.optimizer.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.detach().clone()
-        return result
-
-    load_state_dict._moepp_cpu_wrapped = True
-    cls.load_state_dict = load_state_dict
-
-
 def _fix_uneven_all_gather() -> None:
     # mappings._gather_along_first_dim(output_split_sizes=...) (gather_from_sequence_parallel_
     # region with variable sizes: the alltoall dispatcher under TP>1 when the TP ranks hold
@@ -245,7 +217,6 @@ def _fix_uneven_all_gather() -> None:
 def apply() -> None:
     _fix_torch_norm_sequence_parallel()
     _fix_uneven_all_gather()
-    _fix_distrib_optimizer_shared_adam_step()
     _fix_checkpoint_without_output_fp8()
     _fix_batched_p2p_tags()
     _fix_te_general_gemm()

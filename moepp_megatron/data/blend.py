@@ -25,8 +25,8 @@ import torch
 import yaml
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import _IndexReader
 
+from moepp_megatron.compat.megatron_internals import read_index_summary
 from moepp_megatron.config.loader import from_dict
 from moepp_megatron.config.packaged import find_config
 from moepp_megatron.config.schema import DataConfig, DataSource
@@ -117,17 +117,13 @@ def _inspect_index(prefix: str) -> tuple[str | None, int]:
     """(what is wrong with the source or None, its tokens)."""
     idx, bin_path = prefix + ".idx", prefix + ".bin"
     try:
-        index = _IndexReader(idx, multimodal=False)
+        index = read_index_summary(idx)
     except Exception as e:  # megatron asserts on the header, numpy fails on a short file
         return f"{idx} is not a readable megatron index ({type(e).__name__}: {e})", 0
-    count = len(index)
-    described = (
-        int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if count else 0
-    )
     size = os.path.getsize(bin_path)
-    if size != described:
-        return f"{bin_path} has {size} bytes; its index {idx} describes {described}", 0
-    return None, int(index.sequence_lengths.sum())
+    if size != index.bin_bytes:
+        return f"{bin_path} has {size} bytes; its index {idx} describes {index.bin_bytes}", 0
+    return None, index.num_tokens
 
 
 def verify_index_cache(cache_dir: str | None) -> list[str]:

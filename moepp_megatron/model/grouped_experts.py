@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import warnings
 from typing import Optional
-from unittest import mock
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.transformer.moe import grouped_gemm_util
 from megatron.core.transformer.moe.experts import GroupedMLP
+
+from moepp_megatron.compat.megatron_internals import grouped_gemm_package_not_required
 
 
 def torch_grouped_mm_supported(bf16: bool) -> bool:
@@ -53,8 +53,7 @@ class TorchGroupedMLP(GroupedMLP):
     def __init__(self, num_local_experts: int, config, pg_collection=None) -> None:
         if config.moe_apply_probs_on_input:
             raise ValueError("TorchGroupedMLP: moe_apply_probs_on_input is not supported")
-        # The parent checks for the grouped_gemm package, which this class does not use.
-        with mock.patch.object(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None):
+        with grouped_gemm_package_not_required():
             super().__init__(num_local_experts, config, pg_collection)
 
     def _activation(self, fc1_TF: torch.Tensor, probs_T1: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from moepp_megatron.compat.megatron_internals import replace_token_dispatcher
 from moepp_megatron.moepp.config import MoEPPTransformerConfig
 from moepp_megatron.moepp.token_dispatcher import MoEPPAlltoAllTokenDispatcher
 from moepp_megatron.moepp.zero_computation_experts import ZeroComputationExperts
@@ -39,10 +40,7 @@ class MoEPPLayer(MoELayer):
         pg_collection = pg_collection or get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection)
         if config.moe_token_dispatcher_type == "alltoall":
-            self.token_dispatcher = MoEPPAlltoAllTokenDispatcher(
-                self.num_local_experts, self.local_expert_indices, config=config,
-                pg_collection=pg_collection,
-            )
+            replace_token_dispatcher(self, MoEPPAlltoAllTokenDispatcher, pg_collection)
         self.zc_experts = ZeroComputationExperts(
             config.hidden_size,
             num_constant=config.moepp_num_constant_experts,

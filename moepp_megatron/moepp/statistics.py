@@ -15,12 +15,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
 
+from moepp_megatron.compat.megatron_internals import reduce_and_clear_aux_losses
 from moepp_megatron.moepp.counters import RoutingCounters
 
 
@@ -119,17 +115,4 @@ def collect_aux_losses(config, track_names: Sequence[str] | None = None) -> dict
     skipping the collective, which would hang the stages that have them."""
     if track_names is None:
         track_names = ["load_balancing_loss"] + (["z_loss"] if config.moe_z_loss_coeff else [])
-    tracker = get_moe_layer_wise_logging_tracker()
-    device = "cpu" if not torch.cuda.is_available() else torch.cuda.current_device()
-    for name in track_names:
-        if name not in tracker:
-            tracker[name] = {
-                "values": torch.zeros(config.num_layers, device=device),
-                "reduce_group": None,
-                "avg_group": None,
-                "reduce_group_has_dp": False,
-            }
-    reduce_aux_losses_tracker_across_ranks(list(track_names))
-    values = {name: tracker[name]["values"].tolist() for name in track_names}
-    clear_aux_losses_tracker()
-    return values
+    return reduce_and_clear_aux_losses(track_names, config.num_layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from moepp_megatron.compat.megatron_internals import set_permutation_output_size
+
 
 class MoEPPAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """AlltoAll dispatcher whose dropless output size is the number of FFN assignments.
@@ -17,8 +19,7 @@ class MoEPPAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
         tokens_per_local_expert = super().preprocess(routing_map)
-        if not self.drop_and_pad:
-            self.num_out_tokens = routing_map.sum()
-            # A dynamic size must reach the host before the first permutation.
-            self._maybe_update_cuda_sync_point("before_permutation_1")
+        # Padded to capacity, the stock size (capacity * experts) is right.
+        if not self.config.moe_pad_expert_input_to_capacity:
+            set_permutation_output_size(self, routing_map.sum())
         return tokens_per_local_expert

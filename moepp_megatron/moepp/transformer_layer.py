@@ -13,24 +13,11 @@ the model builder). The logits then cross the boundary in the pipeline dtype.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from moepp_megatron.compat import megatron_internals as internals
 from moepp_megatron.moepp.layer import MoEPPLayer
-
-
-class _KnownMLPTypeFilter(logging.Filter):
-    """megatron 0.16.1 recognises MoE layers by identity (``module in (MoELayer, ...)``) and
-    logs "Unknown MLP type" for our subclass, once per layer. The fallback it announces
-    (default process groups) is what MoE++ uses, so the message is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Unknown MLP type")
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPTypeFilter())
 
 
 class MoEPPTransformerLayer(TransformerLayer):
@@ -38,6 +25,11 @@ class MoEPPTransformerLayer(TransformerLayer):
 
     receives_residual: bool = False
     sends_residual: bool = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        # megatron warns about the MoE++ MLP class while building the layer.
+        internals.silence_unknown_mlp_type_warning()
+        super().__init__(*args, **kwargs)
 
     def forward(self, hidden_states, **kwargs):
         kwargs.pop("dynamic_inference_decode_only", None)
@@ -47,15 +39,15 @@ class MoEPPTransformerLayer(TransformerLayer):
                 [self.config.hidden_size, self.config.moepp_num_experts], dim=-1
             )
             hidden_states = hidden_states.contiguous()
-        hidden_states, _ = self._forward_attention(hidden_states, **kwargs)
+        hidden_states, _ = internals.attention_step(self, hidden_states, **kwargs)
         padding_mask = kwargs.get("padding_mask")
         if isinstance(self.mlp, MoEPPLayer):
             residual = hidden_states
-            normed = self._forward_pre_mlp_layernorm(hidden_states)
+            normed = internals.pre_mlp_layernorm(self, hidden_states)
             output, mlp_bias, router_residual = self.mlp(normed, router_residual, padding_mask=padding_mask)
-            output = self._forward_post_mlp((output, mlp_bias), residual)
+            output = internals.post_mlp_step(self, (output, mlp_bias), residual)
         else:
-            output = self._forward_mlp(hidden_states, kwargs.get("inference_context"), padding_mask=padding_mask)
+            output = internals.mlp_step(self, hidden_states, kwargs.get("inference_context"), padding_mask=padding_mask)
         if self.sends_residual:
             if router_residual is None:
                 # No MoE++ layer yet: a zero residual adds nothing (W_g @ 0 = 0).

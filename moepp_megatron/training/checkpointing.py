@@ -35,9 +35,12 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moepp_megatron.compat.megatron_internals import (
+    allocate_optimizer_states_for_loading,
+    load_optimizer_state,
+)
 from moepp_megatron.files import write_durably
 from moepp_megatron.training.checkpoint_files import (
     is_complete,
@@ -337,7 +340,7 @@ class Checkpointer:
             # some layout changes with the distributed optimizer.
             sharded = {}
             if load_optimizer:
-                _allocate_distributed_optimizer_states(optimizer)
+                allocate_optimizer_states_for_loading(optimizer)
                 sharded["optimizer"] = optimizer.sharded_state_dict(
                     model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA
                 )
@@ -346,9 +349,7 @@ class Checkpointer:
                 sharded["rng_state"] = _rng_sharded_object()
             loaded = dist_checkpointing.load(sharded, str(source)) if sharded else {}
             if load_optimizer:
-                _restore_adam_steps(loaded["optimizer"])
-                with torch.no_grad():  # the distributed optimizer copies into views of the params
-                    optimizer.load_state_dict(loaded["optimizer"])
+                load_optimizer_state(optimizer, loaded["optimizer"])
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             error = e
         # Every rank raises (a rank that fails alone would leave the others in a collective).
@@ -424,41 +425,6 @@ def _is_disk_full(error: BaseException) -> bool:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _allocate_distributed_optimizer_states(optimizer) -> None:
-    # Without Apex/TE the inner optimizer is torch Adam, whose states (and 'step') appear at
-    # its first step; megatron's DistributedOptimizer.state_dict() asserts on a single step,
-    # so a fresh one cannot build its loading state dict. Dummy states, replaced by the load.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _restore_adam_steps(tree) -> None:
-    # dp_reshardable buckets carry torch Adam's per-parameter 'step' as a non-persistent
-    # object: the value before loading (the dummy states above). DistributedOptimizer.
-    # load_state_dict restores the step from param_groups, then copies the bucket entries
-    # over the states, which would put that stale step back (measured: 1 instead of 3).
-    if isinstance(tree, dict) and tree.get("param_state_sharding_type") == "dp_reshardable":
-        steps = {group["step"] for group in tree["optimizer"]["param_groups"] if "step" in group}
-        if steps:
-            (step,) = steps
-            _set_bucket_steps(tree["param_state"], step)
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            _restore_adam_steps(value)
-
-
-def _set_bucket_steps(tree, step) -> None:
-    if isinstance(tree, dict):
-        if "step" in tree and "padding" in tree:
-            tree["step"] = torch.tensor(step, dtype=torch.float)
-        for value in tree.values():
-            _set_bucket_steps(value, step)
-    elif isinstance(tree, list):
-        for value in tree:
-            _set_bucket_steps(value, step)
 
 
 def check_model_config(saved: dict, current: dict, source: Path) -> None:

@@ -817,6 +817,10 @@ def _optimizer_resume_worker(ckpt_dir):
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from moepp_megatron.compat.megatron_internals import (
+        allocate_optimizer_states_for_loading,
+        load_optimizer_state,
+    )
     from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 
     rank = int(os.environ["RANK"])
@@ -857,17 +861,15 @@ def _optimizer_resume_worker(ckpt_dir):
 
     # Resume in a fresh model/optimizer (other init) and take the same second step.
     config, gpt, ddp, opt = build(seed=2)
-    for chained in opt.chained_optimizers:
-        chained._init_optimizer_states_with_dummy_values()  # 0.16.1 + torch Adam
+    allocate_optimizer_states_for_loading(opt)  # 0.16.1 + torch Adam
     msd = gpt.sharded_state_dict()
     sharded = {
         "model": msd,
         "optimizer": opt.sharded_state_dict(msd, is_loading=True, metadata=metadata),
     }
-    with torch.no_grad():  # 0.16.1: dp_reshardable load copies into leaf views
-        state = dist_checkpointing.load(sharded, ckpt_dir)
-        gpt.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    gpt.load_state_dict(state["model"])
+    load_optimizer_state(opt, state["optimizer"])
     step(config, ddp, opt, [30 + rank, 40 + rank])
     for n, p in gpt.named_parameters():
         _assert_close(p.detach(), expected[n], f"resumed {n}", rtol=0, atol=1e-7)
