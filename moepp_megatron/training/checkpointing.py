@@ -53,7 +53,7 @@ from moepp_megatron.training.signals import stop_signals_deferred
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # megatron 0.16.1's default distributed-optimizer sharding ("fully_sharded_model_space")
-# cannot be loaded back; dp_reshardable can (see MEGATRON_NOTES.md).
+# cannot be loaded back; dp_reshardable can (see docs/MEGATRON_NOTES.md).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 

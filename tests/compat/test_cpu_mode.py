@@ -824,7 +824,7 @@ def _optimizer_resume_worker(ckpt_dir):
     from moepp_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 
     rank = int(os.environ["RANK"])
-    # 0.16.1: 'fully_model_space' (default) is broken, see MEGATRON_NOTES.md.
+    # 0.16.1: 'fully_model_space' (default) is broken, see docs/MEGATRON_NOTES.md.
     metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
 
     def build(seed):
