@@ -1,7 +1,10 @@
 """Overlapped data-parallel communication (megatron DDP's overlap_grad_reduce and, with the
 distributed optimizer, overlap_param_gather, in small buckets) trains exactly as the
-unoverlapped run: the same losses, gradient norms and validation losses, bitwise, on 2 CPU
-ranks over gloo, through two micro-batches per step, validation and checkpoints."""
+unoverlapped run, on 2 CPU ranks over gloo, through two micro-batches per step, validation
+and checkpoints: the same training and validation losses, bitwise. Gradient norms agree to
+fp32 rounding (measured: 5e-8 relative from the third step on): megatron sums the squares of
+the rank's gradient shard in a different order once overlapped gathering has run; the
+losses after those steps show the gradients themselves are the same."""
 
 from __future__ import annotations
 
@@ -12,13 +15,19 @@ from tests.training.runs import metric_records, train_rank
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["parallel.expert=1", "optim.use_distributed_optimizer=true", "training.train_iters=4",
-          "training.eval_interval=2", "checkpoint.save_interval=2"]
-OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true", "parallel.ddp_bucket_size=4000"]
+# Small buckets (several per model) in both runs: the bucket layout decides which rank owns
+# which parameters under the distributed optimizer, and so the order of the grad-norm sum.
+COMMON = ["parallel.expert=1", "optim.use_distributed_optimizer=true", "parallel.ddp_bucket_size=4000",
+          "training.train_iters=4", "training.eval_interval=2", "checkpoint.save_interval=2"]
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
 
 
 def _trajectory(run_dir) -> list[tuple]:
-    return [(r["iteration"], r.get("lm_loss"), r.get("grad_norm"), r.get("valid")) for r in metric_records(run_dir)]
+    return [(r["iteration"], r.get("lm_loss"), r.get("valid")) for r in metric_records(run_dir)]
+
+
+def _grad_norms(run_dir) -> list[float]:
+    return [r["grad_norm"] for r in metric_records(run_dir) if "grad_norm" in r]
 
 
 def test_overlapped_communication_trains_identically(run_config, tmp_path):
@@ -29,3 +38,4 @@ def test_overlapped_communication_trains_identically(run_config, tmp_path):
     plain, overlap = _trajectory(tmp_path / "plain"), _trajectory(tmp_path / "overlap")
     assert [r[0] for r in plain if r[1] is not None] == [1, 2, 3, 4]
     assert overlap == plain
+    assert _grad_norms(tmp_path / "overlap") == pytest.approx(_grad_norms(tmp_path / "plain"), rel=1e-6)
