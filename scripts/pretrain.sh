@@ -44,6 +44,8 @@ trap 'rm -f "$status_file"' EXIT
 export MOEPP_STATUS_FILE=$status_file
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+# What torchrun sets (with a banner) when it is unset.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 trap '' USR1 TERM INT
 torchrun \
     --nnodes="${NNODES:-1}" \

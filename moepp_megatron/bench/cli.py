@@ -22,6 +22,7 @@ from pathlib import Path
 from moepp_megatron.bench.presets import PRESETS, TAUS
 from moepp_megatron.bench.records import repo_default, write_record
 from moepp_megatron.bench.report import update_readme
+from moepp_megatron.known_warnings import ignore_known_warnings
 
 # (CPU, GPU) defaults.
 DEFAULTS = {
@@ -124,6 +125,7 @@ def run_all(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
+    ignore_known_warnings()
     if args.command == "all":
         run_all(args)
         return

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from moepp_megatron.known_warnings import ignore_known_warnings
+
 
 def _parse_size(text: str) -> int:
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    ignore_known_warnings()
     # Conversion is CPU work in one process; megatron's CPU mode refuses to run beside CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.command == "to-hf":

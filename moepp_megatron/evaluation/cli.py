@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moepp_megatron.known_warnings import ignore_known_warnings
+
 
 def main(argv=None) -> int:
+    ignore_known_warnings()
     from moepp_megatron.evaluation.harness import PRESETS, evaluate, markdown_table, parse_tasks, write_results
 
     parser = argparse.ArgumentParser(

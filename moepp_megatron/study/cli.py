@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moepp_megatron.bench.records import repo_default
 from moepp_megatron.config.packaged import CONFIGS_DIR
+from moepp_megatron.known_warnings import ignore_known_warnings
 from moepp_megatron.study import report
 
 STUDY_CONFIGS = CONFIGS_DIR / "study"
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, **repo_default("README.md"))
     parser.add_argument("--plot-dir", type=Path, **repo_default("bench/study"))
     args = parser.parse_args(argv)
+    ignore_known_warnings()
     if args.command == "run":
         from moepp_megatron.study.runner import run_study  # torch and megatron-core: only to run
 

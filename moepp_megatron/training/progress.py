@@ -33,19 +33,28 @@ class Progress:
 
     def __post_init__(self) -> None:
         self._last_time, self._last_iteration = self.started, self.start_iteration
+        self._steps, self._step_seconds = 0, 0.0
+
+    def step_done(self, seconds: float) -> None:
+        """A training step (forward, backward, optimizer) took ``seconds``."""
+        self._steps += 1
+        self._step_seconds += seconds
 
     def interval(self, iteration: int, flops_per_token: float) -> dict:
-        """Metrics of the steps since the previous call (or the job's start), given the
-        model FLOPs of one training token."""
+        """Metrics since the previous call (or the job's start), given the model FLOPs of
+        one training token: throughput over the steps' own time, the ETA over the wall time
+        per iteration (validation and checkpoints included)."""
         now = time.monotonic()
-        steps = iteration - self._last_iteration
-        seconds_per_step = (now - self._last_time) / steps if steps else 0.0
+        iterations = iteration - self._last_iteration
+        wall_per_iteration = (now - self._last_time) / iterations if iterations else 0.0
+        tokens_per_s = self._steps * self.tokens_per_step / self._step_seconds if self._step_seconds else 0.0
         self._last_time, self._last_iteration = now, iteration
-        tokens_per_s = self.tokens_per_step / seconds_per_step if seconds_per_step else 0.0
+        self._steps, self._step_seconds = 0, 0.0
         flops = flops_per_token * tokens_per_s / self.processes
         metrics = {
+            "tokens_per_s": tokens_per_s,
             "elapsed_s": now - self.started,
-            "eta_s": (self.train_iters - iteration) * seconds_per_step,
+            "eta_s": (self.train_iters - iteration) * wall_per_iteration,
             "target_tokens": self.train_iters * self.tokens_per_step,
             "model_tflops_per_s": flops / 1e12,
         }

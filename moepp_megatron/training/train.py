@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--print-config", action="store_true",
                       help="print the resolved config as YAML (every field) and exit")
     parser.add_argument("--world-size", type=int,
-                        help="processes to plan for (default: WORLD_SIZE under torchrun; for --dry-run the "
-                             "smallest that fits the layout)")
+                        help="processes to plan for (default: WORLD_SIZE under torchrun; else, for --check and "
+                             "--dry-run, the smallest number that fits the layout)")
     parser.add_argument("--verbose", action="store_true", help="also print the resolved config at start")
     return parser
 
@@ -103,8 +103,9 @@ def _main(argv) -> int:
     if args.print_config:
         print(resolved_config_yaml(resolve(config)), end="")
         return 0
+    # Checked by hand (no launcher, no --world-size): the smallest world size the layout fits.
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (
-        smallest_world_size(config) if args.dry_run else 1)
+        smallest_world_size(config) if args.dry_run or args.check else 1)
     plan = plan_run(config, world_size)
     if args.check:
         return 0

@@ -277,7 +277,6 @@ class Trainer:
             "lm_loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": g.global_batch_size * g.seq_length / elapsed,
             "step_time_s": elapsed,
         }
 
@@ -430,6 +429,8 @@ class Trainer:
         valid, losses = None, []
         while self.state.iteration < g.train_iters:
             result = self.train_step()
+            if "step_time_s" in result:  # not a skipped step
+                progress.step_done(result["step_time_s"])
             since_log += 1
             it = self.state.iteration
             if it % cfg.logging.interval == 0 or it == g.train_iters:

@@ -17,15 +17,23 @@ def test_interval_gives_eta_throughput_and_mfu(monkeypatch):
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
     # Resumed at iteration 10 of 100; 1000 tokens per step on 4 processes of 1 TFLOP/s peak.
     progress = Progress(10, 100, 1000, processes=4, peak_flops=1e12)
-    first = progress.interval(20, flops_per_token=1e9)  # 10 steps in 10 s
-    assert first["elapsed_s"] == 10 and first["eta_s"] == pytest.approx(80)
-    assert first["model_tflops_per_s"] == pytest.approx(1e9 * 1000 / 4 / 1e12)
-    assert first["mfu"] == pytest.approx(0.25) and first["target_tokens"] == 100_000
-    second = progress.interval(30, flops_per_token=1e9)  # the next 10 steps took 20 s
+    for _ in range(10):
+        progress.step_done(0.5)  # 10 steps of 0.5 s in 10 s of wall time (validation, saving)
+    first = progress.interval(20, flops_per_token=1e9)
+    assert first["elapsed_s"] == 10 and first["eta_s"] == pytest.approx(80)  # 80 iterations at 1 s
+    assert first["tokens_per_s"] == pytest.approx(2000)  # the steps' own time
+    assert first["model_tflops_per_s"] == pytest.approx(1e9 * 2000 / 4 / 1e12)
+    assert first["mfu"] == pytest.approx(0.5) and first["target_tokens"] == 100_000
+    for _ in range(10):
+        progress.step_done(1.0)  # the next 10 steps: 1 s each, 20 s of wall time
+    second = progress.interval(30, flops_per_token=1e9)
     assert second["elapsed_s"] == 30 and second["eta_s"] == pytest.approx(140)
+    assert second["tokens_per_s"] == pytest.approx(1000)
     text = progress_text({**second, "consumed_tokens": 30_000})
-    assert text == "30.00K/100.00K tokens | 0.125 TFLOP/s | MFU 12.5% | elapsed 30s | ETA 2m20s"
+    assert text == "30.00K/100.00K tokens | 0.25 TFLOP/s | MFU 25.0% | elapsed 30s | ETA 2m20s"
 
 
 def test_no_mfu_without_a_known_peak():
-    assert "mfu" not in Progress(0, 10, 100, processes=1).interval(1, flops_per_token=1.0)
+    progress = Progress(0, 10, 100, processes=1)
+    progress.step_done(1.0)
+    assert "mfu" not in progress.interval(1, flops_per_token=1.0)
