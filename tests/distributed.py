@@ -1,6 +1,6 @@
 """Multi-process test harness (CPU + gloo).
 
-``run_distributed(fn, world_size, *args, **kwargs)`` spawns ``world_size`` processes with the
+``run_distributed(fn, world_size, *args, **kwargs)`` starts ``world_size`` processes with the
 torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) plus
 ``MOEPP_CPU_MODE=1``, runs ``fn(*args, **kwargs)`` in each and returns the return values ordered
 by rank. ``fn`` must be a picklable top-level function; its return value must be picklable
@@ -8,6 +8,14 @@ by rank. ``fn`` must be a picklable top-level function; its return value must be
 parent with that rank's traceback; a run that exceeds ``timeout`` seconds is killed and raises
 :class:`DistributedTestTimeout`. All processes (and anything they started) are killed before
 ``run_distributed`` returns or raises.
+
+Ranks are forked from a fork server (one per test session) that has imported torch,
+megatron-core and the package once (:data:`PRELOAD`): a fresh ``spawn`` spent seconds of CPU
+per rank re-importing them. The server is a new interpreter that only imports: no threads
+(it starts with ``OMP_NUM_THREADS=1``, so numpy's BLAS starts none), no process group, no CPU
+mode patch, no pytest state. multiprocessing gives each rank the caller's sys.path and working
+directory of the moment; run_distributed gives it the caller's environment (the server's is
+that of its start). Each rank applies the CPU mode itself, as before.
 
 Example::
 
@@ -23,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import pickle
 import queue
@@ -37,6 +46,24 @@ import torch.multiprocessing as mp
 __all__ = ["run_distributed", "find_free_port", "DistributedTestError", "DistributedTestTimeout"]
 
 DEFAULT_TIMEOUT_S = 300.0
+
+# Imported once by the fork server. Only modules without import-time side effects on the
+# process (moepp_megatron.training.train sets warning filters: each rank imports it itself).
+PRELOAD = [
+    "numpy",
+    "torch",
+    "torch.distributed",
+    "transformers",
+    "megatron.core",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.distributed",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.pipeline_parallel",
+    "moepp_megatron.model.builder",
+    "moepp_megatron.parallel.initialize",
+    "moepp_megatron.training.trainer",
+]
 
 
 class DistributedTestError(RuntimeError):
@@ -55,7 +82,9 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank: int, world_size: int, port: int, results, args, kwargs) -> None:
+def _child(fn, rank: int, world_size: int, port: int, results, environ: dict, args, kwargs) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     # Own process group, so the parent can kill this rank together with anything it spawned
     # (e.g. the multiprocessing manager that dist_checkpointing starts).
     try:
@@ -152,9 +181,24 @@ def run_distributed(
 PORT_ATTEMPTS = 3
 
 
+def _forkserver_context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the server's environment is the one of its start
+    try:
+        multiprocessing.forkserver.ensure_running()  # no-op while the server is up
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+    return ctx
+
+
 def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
     __tracebackhide__ = True
-    ctx = mp.get_context("spawn")
+    ctx = _forkserver_context()
     results = ctx.Queue()
     port = find_free_port()
     procs = []
@@ -163,7 +207,7 @@ def _run_once(fn, world_size: int, args, kwargs, timeout: float) -> list:
         for rank in range(world_size):
             p = ctx.Process(
                 target=_child,
-                args=(fn, rank, world_size, port, results, args, kwargs),
+                args=(fn, rank, world_size, port, results, dict(os.environ), args, kwargs),
                 name=f"rank{rank}",
                 daemon=False,  # ranks may start helper processes (dist-ckpt manager)
             )

@@ -12,14 +12,18 @@ import time
 import pytest
 
 from moepp_megatron.config import load_config
+from tests.bench.test_cli import LAUNCH_VARIABLES
 from tests.training.runs import REPO, Job
 
 pytestmark = pytest.mark.slow
 
 
 def moepp_train(*args: str, env=None) -> subprocess.CompletedProcess:
+    # Not the launch variables the session-wide single_process fixture may have set in this
+    # process (WORLD_SIZE=1 would decide the world size of a --dry-run).
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     return subprocess.run([sys.executable, "-m", "moepp_megatron.training.train", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=300, env={**clean, **(env or {})})
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(run_config, tmp_path):
