@@ -277,11 +277,12 @@ def _distributed_optimizer():
     from moepp_megatron.config.schema import OptimConfig, ParallelConfig
     from moepp_megatron.model.builder import build_model
     from moepp_megatron.training.optimizer import build_optimizer
-    from moepp_megatron.training.trainer import wrap_for_training
+    from moepp_megatron.training.trainer import ddp_config, wrap_for_training
     from tests.tiny_models import tiny_model
 
-    (gpt,) = build_model(tiny_model(num_layers=1), ParallelConfig(cpu_mode=True))
-    ddp = wrap_for_training(gpt, cpu_mode=True, bf16=False, use_distributed_optimizer=True)
+    parallel = ParallelConfig(cpu_mode=True)
+    (gpt,) = build_model(tiny_model(num_layers=1), parallel)
+    ddp = wrap_for_training(gpt, cpu_mode=True, bf16=False, ddp=ddp_config(parallel, use_distributed_optimizer=True))
     optimizer, _ = build_optimizer(
         [ddp], OptimConfig(use_distributed_optimizer=True, warmup_iters=1), bf16=False, train_iters=10
     )
