@@ -42,17 +42,14 @@ from moepp_megatron.training.plan import (  # noqa: E402
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except ConfigError as e:
-        # Every rank checks the config before any process group: one message is enough.
+    except Exception as e:
+        # (A config error is checked first: the other kinds import the trainer.)
+        if not isinstance(e, ConfigError) and not isinstance(e, _clear_errors()):
+            raise
+        # Every rank raises it; one message is enough.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    except Exception as e:
-        if isinstance(e, _clear_errors()):
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            return 1
-        raise
 
 
 def _clear_errors() -> tuple[type[BaseException], ...]:
