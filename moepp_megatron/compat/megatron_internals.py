@@ -23,7 +23,7 @@ Written against megatron-core 0.16.1 (Python 3.11). On a bump, re-check:
     through the module (model/grouped_experts.py);
   * ``DistributedOptimizer._init_optimizer_states_with_dummy_values``, the ``dp_reshardable``
     optimizer state layout, and the one 'step' tensor ``DistributedOptimizer.load_state_dict``
-    gives every torch Adam state (training/checkpointing.py);
+    gives every torch Adam state (checkpoint/checkpointer.py);
   * ``indexed_dataset._IndexReader`` (data/blend.py).
 
 Known to change in 0.17-0.19 (they need Python >= 3.12):
@@ -161,7 +161,7 @@ def grouped_gemm_package_not_required() -> Iterator[None]:
         grouped_gemm_util.assert_grouped_gemm_is_available = check
 
 
-# --- Distributed optimizer state (training/checkpointing.py) ---------------------------------
+# --- Distributed optimizer state (checkpoint/checkpointer.py) ---------------------------------
 
 
 def _distributed_optimizers(optimizer) -> list:

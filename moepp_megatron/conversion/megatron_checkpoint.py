@@ -18,16 +18,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from moepp_megatron.config.loader import from_dict, to_dict
-from moepp_megatron.config.schema import ParallelConfig, RunConfig
-from moepp_megatron.parallel.initialize import free_port
-from moepp_megatron.training.checkpointing import (
+from moepp_megatron.checkpoint.checkpointer import (
     TRACKER,
     Checkpointer,
     TrainState,
     iteration_dir,
     read_latest_iteration,
 )
+from moepp_megatron.config.loader import from_dict
+from moepp_megatron.config.schema import CheckpointConfig, ParallelConfig, RunConfig
+from moepp_megatron.parallel.initialize import free_port
 
 _ITER_DIR = re.compile(r"iter_(\d{7})")
 CONFIG_FILE = "config.yaml"
@@ -119,10 +119,10 @@ def load_state(directory: Path, iteration: int) -> tuple[RunConfig, dict[str, to
     model = dataclasses.replace(run.model, moe=dataclasses.replace(run.model.moe, grouped_gemm=False))
     # fp32 parameters: bf16 checkpoints (GPU runs) load into them exactly.
     chunks = build_model(model, _single_process_parallel(), bf16=False)
-    loading = to_dict(dataclasses.replace(run, model=model, parallel=_single_process_parallel()))
-    checkpointer = Checkpointer(directory, keep_last=1)
+    loading = dataclasses.replace(run, model=model, parallel=_single_process_parallel())
+    checkpointer = Checkpointer(directory, CheckpointConfig(), chunks)  # the weights only
     checkpointer.select(iteration)  # its files must verify
-    checkpointer.load(chunks, None, None, loading, iteration)
+    checkpointer.load(iteration, loading)
     state = {k: v for k, v in chunks[0].state_dict().items() if not k.endswith("._extra_state")}
     return run, state
 
@@ -148,6 +148,6 @@ def save_state(
             raise ValueError(f"megatron {name}: shape {tuple(tensor.shape)}, the model needs {shapes[name]}")
     # load_state_dict copies into the fp32 parameters (bf16 / fp16 values convert exactly).
     model.load_state_dict({k: state.get(k, v) for k, v in own.items()})
-    Checkpointer(directory, keep_last=1).save(iteration, chunks, None, None, TrainState(), to_dict(run))
+    Checkpointer(directory, CheckpointConfig(keep_last=1), chunks).save(iteration, TrainState(), run)
     return iteration_dir(directory, iteration)
 

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moepp_megatron.training.signals import stop_signals_deferred
+from moepp_megatron.signals import stop_signals_deferred
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -44,7 +44,7 @@ def _collate(samples: list[dict]) -> dict:
 
 class DataIterator:
     """Micro-batches from a DataLoader whose worker processes never receive the stop signals
-    (see :mod:`moepp_megatron.training.signals`); :meth:`close` stops them. Close it: the
+    (see :mod:`moepp_megatron.signals`); :meth:`close` stops them. Close it: the
     workers ignore the SIGTERM with which multiprocessing's exit handler would end them."""
 
     def __init__(self, loader: DataLoader) -> None:

@@ -283,7 +283,7 @@ def _train_fraction(split: str) -> float:
 
 
 def _resume_iteration(config: RunConfig) -> int | None:
-    from moepp_megatron.training.checkpointing import saved_iterations
+    from moepp_megatron.checkpoint.checkpointer import saved_iterations
 
     if not config.checkpoint.resume:
         return None

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 
-from moepp_megatron.training.signals import stop_request
+from moepp_megatron.signals import stop_request
 
 # First thing: a stop signal during the minutes of start-up is recorded, not lost.
 stop_request.install()
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
 def _clear_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what happened and what to do: no traceback. (Imported
     only when an error happened: ``--help`` and config errors stay fast.)"""
+    from moepp_megatron.checkpoint.checkpointer import CheckpointError
     from moepp_megatron.data.blend import DataFileError
-    from moepp_megatron.parallel.initialize import NoCudaError
-    from moepp_megatron.training.checkpointing import CheckpointError
+    from moepp_megatron.parallel.layout import NoCudaError
     from moepp_megatron.training.run_dir import RunDirLockedError
     from moepp_megatron.training.trainer import NonFiniteLossError, NonFiniteWeightsError
 

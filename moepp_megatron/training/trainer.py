@@ -22,11 +22,17 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from moepp_megatron.checkpoint.checkpointer import (
+    Checkpointer,
+    CheckpointError,
+    TrainState,
+    saved_iterations,
+)
 from moepp_megatron.config.loader import resolved_config_yaml, to_dict
-from moepp_megatron.files import write_durably
-from moepp_megatron.config.schema import ParallelConfig, RunConfig
+from moepp_megatron.config.schema import CheckpointConfig, ParallelConfig, RunConfig
 from moepp_megatron.data.blend import build_gpt_datasets
 from moepp_megatron.data.tokenizer import load_tokenizer
+from moepp_megatron.files import write_durably
 from moepp_megatron.model.builder import build_model
 from moepp_megatron.model.size import format_count, peak_flops, training_flops_per_token
 from moepp_megatron.moepp.config import dropless, has_capacity
@@ -36,12 +42,7 @@ from moepp_megatron.moepp.statistics import (
     routing_statistics_group,
 )
 from moepp_megatron.parallel.initialize import initialize_parallel
-from moepp_megatron.training.checkpointing import (
-    CheckpointError,
-    Checkpointer,
-    TrainState,
-    saved_iterations,
-)
+from moepp_megatron.signals import stop_request
 from moepp_megatron.training.data_loader import build_data_iterator
 from moepp_megatron.training.forward_step import gpt_forward_step
 from moepp_megatron.training.metrics import MetricsLogger, layer_key
@@ -50,7 +51,6 @@ from moepp_megatron.training.plan import RunPlan, describe, plan_run
 from moepp_megatron.training.progress import Progress, format_duration, progress_text
 from moepp_megatron.training.resume import resume_report
 from moepp_megatron.training.run_dir import RunDirLock, RunDirLockedError, write_outcome
-from moepp_megatron.training.signals import stop_request
 
 # Preempted or out of time (SIGTERM / SIGUSR1): checkpoint saved, run again to resume.
 EXIT_PREEMPTED = 75
@@ -143,14 +143,13 @@ class Trainer:
         self.metrics = MetricsLogger(config.logging, self.run_dir, to_dict(config), self.is_logging_rank)
         self.lock = _lock_run_dir(self.run_dir, self.metrics)
         self.metrics.print(describe(self.plan))
-        if self.is_logging_rank:
-            write_durably(self.run_dir / "config.yaml", resolved_config_yaml(config))
         self.geometry = self.plan.geometry
         self.bf16 = config.bf16
         self.model_config = config.model
-        self.resolved_config = to_dict(dataclasses.replace(
-            config, training=dataclasses.replace(config.training, bf16=self.bf16),
-        ))
+        # What this job runs, null defaults decided: saved with every checkpoint.
+        self.resolved = dataclasses.replace(config, training=dataclasses.replace(config.training, bf16=self.bf16))
+        if self.is_logging_rank:
+            write_durably(self.run_dir / "config.yaml", resolved_config_yaml(self.resolved))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
         self.chunks = build_model(
             self.model_config, p, bf16=self.bf16, deterministic=config.training.deterministic
@@ -162,7 +161,9 @@ class Trainer:
             self.models, config.optim, bf16=self.bf16, train_iters=self.geometry.train_iters,
             override_scheduler=config.checkpoint.override_scheduler,
         )
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", config.checkpoint, self.chunks, self.optimizer, self.scheduler
+        )
         self.state = self._restore()
         self.metrics.open(self.state.iteration)
         self._nonfinite_in_a_row = 0
@@ -188,17 +189,14 @@ class Trainer:
     def _restore(self) -> TrainState:
         ckpt = self.config.checkpoint
         if ckpt.resume:
-            iteration, warnings = self.checkpointer.select(ckpt.load_iteration, strict=ckpt.on_damaged == "stop")
+            iteration, warnings = self.checkpointer.select()
             for warning in warnings:
                 self.metrics.print(warning)
             if iteration is not None:
-                state = self.checkpointer.load(
-                    self.chunks, self.optimizer, self.scheduler, self.resolved_config, iteration,
-                    load_optimizer=ckpt.load_optimizer, load_rng=ckpt.load_rng,
-                )
+                state = self.checkpointer.load(iteration, self.resolved)
                 self.metrics.print(
                     f"resumed from {self.checkpointer.directory} at iteration {state.iteration}\n"
-                    + resume_report(self.checkpointer.saved_config(iteration), self.resolved_config,
+                    + resume_report(self.checkpointer.saved_config(iteration), to_dict(self.resolved),
                                     ckpt, state.consumed_samples)
                 )
                 return state
@@ -208,11 +206,12 @@ class Trainer:
                 f"replace the checkpoints in {self.checkpointer.directory}"
             )
         if ckpt.init_from:
-            source = Checkpointer(ckpt.init_from, keep_last=1)
-            iteration, _ = source.select(strict=True)
+            # The weights only; the newest checkpoint there, which must verify.
+            source = Checkpointer(ckpt.init_from, CheckpointConfig(on_damaged="stop"), self.chunks)
+            iteration, _ = source.select()
             if iteration is None:
                 raise CheckpointError(f"checkpoint.init_from={ckpt.init_from}: no checkpoint there")
-            source.load(self.chunks, None, None, self.resolved_config, iteration)
+            source.load(iteration, self.resolved)
             self.metrics.print(f"initialised weights from {ckpt.init_from} (new run, iteration 0)")
         return TrainState()
 
@@ -370,10 +369,7 @@ class Trainer:
     def save(self) -> None:
         with parameters_in_sync(self.models, self.ddp):
             self._check_weights_finite()
-            path = self.checkpointer.save(
-                self.state.iteration, self.chunks, self.optimizer, self.scheduler, self.state,
-                self.resolved_config,
-            )
+            path = self.checkpointer.save(self.state.iteration, self.state, self.resolved)
         self.metrics.print(f"saved checkpoint {path}")
 
     def _check_weights_finite(self) -> None:

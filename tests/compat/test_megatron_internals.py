@@ -80,9 +80,9 @@ PRIVATE = [
     Pin("megatron.core.transformer.moe.grouped_gemm_util.assert_grouped_gemm_is_available", (),
         f"{SEAMS}.grouped_gemm_package_not_required", "model/grouped_experts.py"),
     Pin(f"{DOPT}._init_optimizer_states_with_dummy_values", ("self",),
-        f"{SEAMS}.allocate_optimizer_states_for_loading", "training/checkpointing.py"),
+        f"{SEAMS}.allocate_optimizer_states_for_loading", "checkpoint/checkpointer.py"),
     Pin(f"{DOPT}.load_state_dict", ("self", "state_dict"),
-        f"{SEAMS}.load_optimizer_state", "training/checkpointing.py"),
+        f"{SEAMS}.load_optimizer_state", "checkpoint/checkpointer.py"),
     Pin("megatron.core.datasets.indexed_dataset._IndexReader.__init__",
         ("self", "idx_path", "multimodal", "sequences_per_dataset", "dtype_code"),
         f"{SEAMS}.read_index_summary", "data/blend.py"),
@@ -299,7 +299,7 @@ def saved_optimizer(single_process, tmp_path_factory):
     """A checkpoint (dp_reshardable, as the trainer saves) of an optimizer after SAVED_STEPS steps."""
     from megatron.core import dist_checkpointing
 
-    from moepp_megatron.training.checkpointing import OPTIMIZER_METADATA
+    from moepp_megatron.checkpoint.checkpointer import OPTIMIZER_METADATA
 
     gpt, optimizer = _distributed_optimizer()
     for _ in range(SAVED_STEPS):
@@ -315,7 +315,7 @@ def saved_optimizer(single_process, tmp_path_factory):
 def _fresh_optimizer_and_saved_state(directory):
     from megatron.core import dist_checkpointing
 
-    from moepp_megatron.training.checkpointing import OPTIMIZER_METADATA
+    from moepp_megatron.checkpoint.checkpointer import OPTIMIZER_METADATA
 
     gpt, optimizer = _distributed_optimizer()
     internals.allocate_optimizer_states_for_loading(optimizer)

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
+from moepp_megatron.checkpoint.checkpointer import TRACKER
 from moepp_megatron.conversion.from_hf import import_from_hf
 from moepp_megatron.conversion.hf_config import from_hf_config
 from moepp_megatron.conversion.to_hf import export_to_hf
-from moepp_megatron.training.checkpointing import TRACKER
 
 
 @pytest.fixture

@@ -161,11 +161,11 @@ def test_trainer_continues_pretraining_from_a_converted_checkpoint(trained, conv
 
 def _resave_with_pipeline_parallel(source: str, target: str) -> None:
     """One rank of: load a checkpoint into a PP=2 model and save it in that layout."""
+    from moepp_megatron.checkpoint.checkpointer import Checkpointer, TrainState, read_latest_iteration
     from moepp_megatron.config.loader import from_dict
-    from moepp_megatron.config.schema import RunConfig
+    from moepp_megatron.config.schema import CheckpointConfig, RunConfig
     from moepp_megatron.model.builder import build_model
     from moepp_megatron.parallel.initialize import initialize_parallel
-    from moepp_megatron.training.checkpointing import Checkpointer, TrainState, read_latest_iteration
 
     initialize_parallel(pipeline_parallel=2, cpu_mode=True)
     iteration = read_latest_iteration(Path(source))
@@ -173,9 +173,8 @@ def _resave_with_pipeline_parallel(source: str, target: str) -> None:
     run = from_dict(RunConfig, saved, where=source)
     run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, pipeline=2, expert=1))
     chunks = build_model(run.model, run.parallel)
-    config = to_dict(run)
-    Checkpointer(source, keep_last=1).load(chunks, None, None, config, iteration)
-    Checkpointer(target, keep_last=1).save(iteration, chunks, None, None, TrainState(iteration=iteration), config)
+    Checkpointer(source, CheckpointConfig(), chunks).load(iteration, run)
+    Checkpointer(target, CheckpointConfig(keep_last=1), chunks).save(iteration, TrainState(iteration=iteration), run)
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moepp_megatron.training.checkpoint_files import MANIFEST
-from moepp_megatron.training.checkpointing import TRACKER
+from moepp_megatron.checkpoint.checkpointer import TRACKER
+from moepp_megatron.checkpoint.files import MANIFEST
 from tests.distributed import run_distributed
 from tests.training.runs import metric_records, run_config_writer
 
@@ -32,8 +32,8 @@ def _worker(job: str, fresh: str) -> dict:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from moepp_megatron.checkpoint.checkpointer import ConfigMismatchError
     from moepp_megatron.config import load_config
-    from moepp_megatron.training.checkpointing import ConfigMismatchError
     from moepp_megatron.training.trainer import Trainer
 
     run_dir = Path(load_config(job).run_dir)

@@ -70,8 +70,8 @@ def _worker(job: str, root: str) -> dict:
     import torch
     import torch.distributed as dist
 
+    from moepp_megatron.checkpoint.checkpointer import TRACKER, CheckpointError
     from moepp_megatron.config import load_config
-    from moepp_megatron.training.checkpointing import TRACKER, CheckpointError
     from moepp_megatron.training.trainer import NonFiniteWeightsError, Trainer
 
     def copy(name: str) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from moepp_megatron.training.checkpointing import TRACKER
+from moepp_megatron.checkpoint.checkpointer import TRACKER
 from tests.training.runs import Job, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from moepp_megatron.training.checkpointing import TRACKER
+from moepp_megatron.checkpoint.checkpointer import TRACKER
 from moepp_megatron.training.run_dir import LOCK_FILE
 from moepp_megatron.training.trainer import EXIT_PREEMPTED
 from tests.training.runs import Job, train_iterations

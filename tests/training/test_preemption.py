@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from moepp_megatron.training.checkpoint_files import MANIFEST
-from moepp_megatron.training.checkpointing import TRACKER, iteration_dir
+from moepp_megatron.checkpoint.checkpointer import TRACKER, iteration_dir
+from moepp_megatron.checkpoint.files import MANIFEST
 from moepp_megatron.training.trainer import EXIT_PREEMPTED
 from tests.training.runs import Job, train_iterations
 

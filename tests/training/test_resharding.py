@@ -83,8 +83,8 @@ def _load_in_layouts(configs: dict[str, str], layouts: dict[str, list[str]], exp
     """For each optimizer kind and layout: build the trainer in that layout and restore the
     source's checkpoint as its resume path does; export what was loaded. Returns the error
     message (None: loaded) per case."""
+    from moepp_megatron.checkpoint.checkpointer import OptimizerReshardError
     from moepp_megatron.config import load_config
-    from moepp_megatron.training.checkpointing import OptimizerReshardError
     from moepp_megatron.training.trainer import Trainer
 
     errors = {}
@@ -98,9 +98,7 @@ def _load_in_layouts(configs: dict[str, str], layouts: dict[str, list[str]], exp
             else:
                 trainer = Trainer(load_config(config, [*overrides, "checkpoint.resume=false"]))
                 try:
-                    trainer.state = trainer.checkpointer.load(
-                        trainer.chunks, trainer.optimizer, trainer.scheduler, trainer.resolved_config, 3
-                    )
+                    trainer.state = trainer.checkpointer.load(3, trainer.resolved)
                     errors[name] = None
                 except OptimizerReshardError as e:
                     errors[name] = str(e)

@@ -20,8 +20,8 @@ CHANGES = ["optim.lr=0.001", "training.train_iters=6", "data.seed=7"]
 
 
 def _worker(job: str, pipelined: str) -> dict:
+    from moepp_megatron.checkpoint.checkpointer import OptimizerReshardError
     from moepp_megatron.config import load_config
-    from moepp_megatron.training.checkpointing import OptimizerReshardError
     from moepp_megatron.training.trainer import Trainer
 
     def resume(config: str, overrides: list[str]):

@@ -4,7 +4,7 @@
     <dir>/latest_checkpointed_iteration.txt
 
 A save is complete when every rank has written its part and ``checksums.json`` records
-every file (see checkpoint_files.py); only then does the tracker move (replaced atomically,
+every file (see files.py); only then does the tracker move (replaced atomically,
 everything flushed to disk first), so a crash during a save leaves ``latest`` on the
 previous complete checkpoint. A checkpoint holds the model, optimizer, LR scheduler, every
 rank's RNG states, the training state (iteration, consumed samples) and the resolved config.
@@ -37,19 +37,21 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from moepp_megatron.compat.megatron_internals import (
-    allocate_optimizer_states_for_loading,
-    load_optimizer_state,
-)
-from moepp_megatron.files import write_durably
-from moepp_megatron.training.checkpoint_files import (
+from moepp_megatron.checkpoint.files import (
     is_complete,
     on_first_rank,
     recorded_bytes,
     verify,
     write_manifest,
 )
-from moepp_megatron.training.signals import stop_signals_deferred
+from moepp_megatron.compat.megatron_internals import (
+    allocate_optimizer_states_for_loading,
+    load_optimizer_state,
+)
+from moepp_megatron.config.loader import to_dict, to_yaml
+from moepp_megatron.config.schema import CheckpointConfig, RunConfig
+from moepp_megatron.files import write_durably
+from moepp_megatron.signals import stop_signals_deferred
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # megatron 0.16.1's default distributed-optimizer sharding ("fully_sharded_model_space")
@@ -154,27 +156,35 @@ def _rng_sharded_object() -> ShardedObject:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep_last: int) -> None:
+    """The checkpoints in ``directory`` of one model (its chunks, as one module), and, for a
+    training run, of its optimizer and LR scheduler; ``config`` is the run's checkpoint
+    section (how many to keep, what to do with a damaged one, what a resume restores).
+    Without an optimizer it saves and loads the weights only (conversion, ``init_from``)."""
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig, model, optimizer=None, scheduler=None):
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.config = config
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
     def latest_iteration(self) -> Optional[int]:
         return read_latest_iteration(self.directory)
 
-    def _state_dict(self, model, optimizer, scheduler, state, config):
-        model_sd = model.sharded_state_dict()
-        sd = {"model": model_sd, "train_state": asdict(state), "config": config, "layout": _layout()}
-        if optimizer is not None:
-            sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
-            sd["scheduler"] = scheduler.state_dict()
+    def _state_dict(self, state: TrainState, run: dict) -> dict:
+        model_sd = self.model.sharded_state_dict()
+        sd = {"model": model_sd, "train_state": asdict(state), "config": run, "layout": _layout()}
+        if self.optimizer is not None:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+            sd["scheduler"] = self.scheduler.state_dict()
             sd["rng_state"] = _rng_sharded_object()
         return sd
 
-    def save(self, iteration: int, model, optimizer, scheduler, state: TrainState, config: dict) -> Path:
+    def save(self, iteration: int, state: TrainState, run: RunConfig) -> Path:
+        """Collective: checkpoint ``iteration`` with the training ``state``; ``run`` (the
+        resolved config) is saved with it."""
         target = iteration_dir(self.directory, iteration)
         previous = self.latest_iteration()
         try:
-            self._write(target, model, optimizer, scheduler, state, config)
+            self._write(target, state, to_dict(run))
             on_first_rank(lambda: self._publish(iteration))
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             # Every rank is here: dist_checkpointing raises on all of them, on_first_rank too.
@@ -185,17 +195,17 @@ class Checkpointer:
             raise DiskFullError(self._disk_full_message(target, previous)) from e
         return target
 
-    def _write(self, target: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
+    def _write(self, target: Path, state: TrainState, run: dict) -> None:
         def fresh_directory():
             # A leftover of a save that crashed, or a damaged checkpoint resumed around.
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
 
         on_first_rank(fresh_directory)
-        sd = self._state_dict(model, optimizer, scheduler, state, config)
+        sd = self._state_dict(state, run)
         with stop_signals_deferred():  # it may start its writer-queue manager process
             dist_checkpointing.save(sd, str(target))
-        on_first_rank(lambda: write_durably(target / "config.yaml", yaml.safe_dump(config, sort_keys=False)))
+        on_first_rank(lambda: write_durably(target / "config.yaml", to_yaml(run)))
         write_manifest(target)
 
     def _publish(self, iteration: int) -> None:
@@ -233,17 +243,20 @@ class Checkpointer:
         # before it can never be resumed from.
         below = [iteration_dir(self.directory, i) for i in saved_iterations(self.directory) if i <= latest]
         complete = [p for p in below if is_complete(p)]
-        doomed = [p for p in below if not is_complete(p)] + complete[: max(0, len(complete) - self.keep_last)]
+        doomed = [p for p in below if not is_complete(p)] + complete[: max(0, len(complete) - self.config.keep_last)]
         for old in doomed:
             shutil.rmtree(old, ignore_errors=True)
 
-    def select(self, iteration: Optional[int] = None, strict: bool = False) -> tuple[Optional[int], list[str]]:
+    def select(self, iteration: Optional[int] = None) -> tuple[Optional[int], list[str]]:
         """Collective: the checkpoint to resume from and warnings about the ones skipped.
 
-        ``iteration`` given: that one, which must verify. Otherwise the newest complete one
-        that verifies (``strict``: the newest complete one, which must verify); None when
-        the directory holds no checkpoint at all.
+        ``iteration`` (or ``checkpoint.load_iteration``) given: that one, which must verify.
+        Otherwise the newest complete one that verifies (``checkpoint.on_damaged=stop``: the
+        newest complete one, which must verify); None when the directory holds no
+        checkpoint at all.
         """
+        iteration = self.config.load_iteration if iteration is None else iteration
+        strict = self.config.on_damaged == "stop"
         found = saved_iterations(self.directory)
         if iteration is not None:
             self._verify_or_raise(iteration, found)
@@ -298,29 +311,23 @@ class Checkpointer:
         if problems:
             raise DamagedCheckpointError(_verification_failure(path, problems))
 
-    def load(
-        self, model, optimizer, scheduler, config: dict, iteration: int, *,
-        load_optimizer: bool = True, load_rng: bool = True,
-    ) -> TrainState:
-        """Restore in place from a checkpoint :meth:`select` chose; returns the training
-        state to continue from. The LR schedule and the data position always come back;
-        ``load_optimizer=False`` leaves the optimizer's moments fresh, ``load_rng=False`` the
-        RNG streams as seeded.
-
-        ``optimizer=None`` loads the weights only (a new run initialised from a checkpoint).
+    def load(self, iteration: int, run: RunConfig) -> TrainState:
+        """Restore in place from a checkpoint :meth:`select` chose, for the run ``run`` (the
+        model must be the saved one); returns the training state to continue from. The LR
+        schedule and the data position always come back; ``checkpoint.load_optimizer=false``
+        leaves the optimizer's moments fresh, ``load_rng=false`` the RNG streams as seeded.
+        Without an optimizer: the weights only (a new run initialised from a checkpoint).
         """
         source = iteration_dir(self.directory, iteration)
         saved = dist_checkpointing.load_common_state_dict(str(source))
-        check_model_config(saved.get("config", {}), config, source)
+        check_model_config(saved.get("config", {}), to_dict(run), source)
         # Weights first, on their own: they reshard to any layout; the optimizer may not.
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
-        model.load_state_dict(loaded["model"])
-        if optimizer is None:
+        loaded = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(source))
+        self.model.load_state_dict(loaded["model"])
+        if self.optimizer is None:
             return TrainState()
-        loaded = self._load_training_state(
-            source, saved, model, optimizer, config, load_optimizer, load_rng
-        )
-        scheduler.load_state_dict(saved["scheduler"])
+        loaded = self._load_training_state(source, saved, run)
+        self.scheduler.load_state_dict(saved["scheduler"])
         if "rng_state" in loaded:
             _set_rng_state(loaded["rng_state"])
         return TrainState(**saved["train_state"])
@@ -329,11 +336,10 @@ class Checkpointer:
         """The resolved config the checkpoint was saved with."""
         return yaml.safe_load((iteration_dir(self.directory, iteration) / "config.yaml").read_text())
 
-    def _load_training_state(
-        self, source: Path, saved: dict, model, optimizer, config: dict,
-        load_optimizer: bool, load_rng: bool,
-    ) -> dict:
+    def _load_training_state(self, source: Path, saved: dict, run: RunConfig) -> dict:
         """The sharded parts of the training state: optimizer and RNG states, as asked."""
+        model, optimizer = self.model, self.optimizer
+        load_optimizer, load_rng = self.config.load_optimizer, self.config.load_rng
         error = None
         try:
             # Inside the try: building the loading state dict already fails (KeyError) for
@@ -357,9 +363,9 @@ class Checkpointer:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if not failed.item():
             return loaded
-        reason = _optimizer_layout_change(saved, config) if load_optimizer else None
+        reason = _optimizer_layout_change(saved, run) if load_optimizer else None
         if reason is not None:
-            rule = _RESHARD_RULES[bool(config["optim"]["use_distributed_optimizer"])]
+            rule = _RESHARD_RULES[run.optim.use_distributed_optimizer]
             raise OptimizerReshardError(
                 f"cannot resume from {source}: {reason}; in megatron-core 0.16.1 {rule}. Resume "
                 f"with the saving layout; or resume without the optimizer state "
@@ -387,10 +393,10 @@ def _describe_layout(layout: dict) -> str:
     return f"TP={layout['tensor']} PP={layout['pipeline']} EP={layout['expert']} DP={data}"
 
 
-def _optimizer_layout_change(saved: dict, config: dict) -> Optional[str]:
+def _optimizer_layout_change(saved: dict, run: RunConfig) -> Optional[str]:
     """What differs between the saving run and this one for the optimizer state, if anything."""
     was = saved.get("config", {}).get("optim", {}).get("use_distributed_optimizer")
-    now = config.get("optim", {}).get("use_distributed_optimizer")
+    now = run.optim.use_distributed_optimizer
     if was != now:
         return f"optim.use_distributed_optimizer was {was} when it was saved, this run has {now}"
     if saved.get("layout") != _layout():
