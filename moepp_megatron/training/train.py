@@ -59,7 +59,7 @@ def _clear_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what happened and what to do: no traceback. (Imported
     only when an error happened: ``--help`` and config errors stay fast.)"""
     from moepp_megatron.data.blend import DataFileError
-    from moepp_megatron.parallel.initialize import NoCudaError
+    from moepp_megatron.parallel.layout import NoCudaError
     from moepp_megatron.training.checkpointing import CheckpointError
     from moepp_megatron.training.run_dir import RunDirLockedError
     from moepp_megatron.training.trainer import NonFiniteLossError, NonFiniteWeightsError
