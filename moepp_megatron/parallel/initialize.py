@@ -18,58 +18,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from moepp_megatron.compat.cpu import CPU_MODE_ENV_VAR, cpu_mode_requested, enable_cpu_mode
+from moepp_megatron.compat.cpu import cpu_mode_requested, enable_cpu_mode
+from moepp_megatron.parallel.layout import NoCudaError, check_sizes
 
 __all__ = ["initialize_parallel", "destroy_parallel"]
-
-
-def check_sizes(
-    world_size: int,
-    tensor_parallel: int,
-    pipeline_parallel: int,
-    expert_parallel: int,
-    virtual_pipeline_parallel: int | None,
-    expert_tensor_parallel: int | None,
-) -> None:
-    for name, value in (
-        ("tensor_parallel", tensor_parallel),
-        ("pipeline_parallel", pipeline_parallel),
-        ("expert_parallel", expert_parallel),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if virtual_pipeline_parallel is not None:
-        if not isinstance(virtual_pipeline_parallel, int) or virtual_pipeline_parallel < 1:
-            raise ValueError(
-                "virtual_pipeline_parallel must be None or a positive int, got "
-                f"{virtual_pipeline_parallel!r}"
-            )
-        if virtual_pipeline_parallel > 1 and pipeline_parallel < 2:
-            raise ValueError(
-                "virtual_pipeline_parallel > 1 requires pipeline_parallel > 1, got "
-                f"pipeline_parallel={pipeline_parallel}"
-            )
-    if expert_tensor_parallel is not None and (
-        not isinstance(expert_tensor_parallel, int) or expert_tensor_parallel < 1
-    ):
-        raise ValueError(
-            f"expert_tensor_parallel must be None or a positive int, got {expert_tensor_parallel!r}"
-        )
-
-    model_parallel = tensor_parallel * pipeline_parallel
-    if world_size % model_parallel != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel ({tensor_parallel}) x "
-            f"pipeline_parallel ({pipeline_parallel}) = {model_parallel}"
-        )
-    etp = tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel
-    expert_model_parallel = etp * expert_parallel * pipeline_parallel
-    if world_size % expert_model_parallel != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by expert_parallel ({expert_parallel}) x "
-            f"expert_tensor_parallel ({etp}) x pipeline_parallel ({pipeline_parallel}) = "
-            f"{expert_model_parallel}"
-        )
 
 
 def free_port() -> int:
@@ -88,10 +40,6 @@ def _env_int(name: str, default: int | None = None) -> int:
             )
         return default
     return int(value)
-
-
-class NoCudaError(RuntimeError):
-    pass
 
 
 def initialize_parallel(
@@ -143,10 +91,7 @@ def initialize_parallel(
 
     if not cpu_mode:
         if not torch.cuda.is_available():
-            raise NoCudaError(
-                "no CUDA device on this machine: to run on CPU with gloo (development only), set "
-                f"parallel.cpu_mode=true or {CPU_MODE_ENV_VAR}=1"
-            )
+            raise NoCudaError()
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
 
     if not dist.is_initialized():

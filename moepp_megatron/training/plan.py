@@ -137,10 +137,11 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     """Check ``config`` for ``world_size`` processes and work out the run; raises
     :class:`ConfigError` (or the data / device errors) naming what to change."""
     config = resolve(config)
-    _check_device(config)
+    # Cheapest first: a mistake in the arithmetic is reported before torch is imported.
     layout = _layout(config, world_size)
     geometry = batch_geometry(config, layout.data)
     check_schedule(config.optim, geometry.train_iters)
+    _check_device(config)
     tokenizer_pieces, vocab = _vocabulary(config)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
     _check_with_megatron(config)
@@ -161,8 +162,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
 def _check_device(config: RunConfig) -> None:
     import torch
 
-    from moepp_megatron.compat.cpu import CPU_MODE_ENV_VAR
-    from moepp_megatron.parallel.initialize import NoCudaError
+    from moepp_megatron.parallel.layout import NoCudaError
 
     cuda = torch.cuda.is_available()
     if config.parallel.cpu_mode and cuda:
@@ -171,14 +171,11 @@ def _check_device(config: RunConfig) -> None:
             "machines without a GPU; unset it"
         )
     if not config.parallel.cpu_mode and not cuda:
-        raise NoCudaError(
-            "no CUDA device on this machine: to run on CPU with gloo (development only), set "
-            f"parallel.cpu_mode=true or {CPU_MODE_ENV_VAR}=1"
-        )
+        raise NoCudaError()
 
 
 def _layout(config: RunConfig, world_size: int) -> Layout:
-    from moepp_megatron.parallel.initialize import check_sizes
+    from moepp_megatron.parallel.layout import check_sizes
 
     p, moe = config.parallel, config.model.moe
     try:

@@ -188,7 +188,7 @@ def test_initialize_parallel_refuses_cpu_mode_with_cuda(monkeypatch):
 def test_initialize_parallel_checks_sizes(world, kwargs, name):
     # The check initialize_parallel runs before anything is set up; called directly, it runs
     # whether or not an earlier test left a process group in this process.
-    from moepp_megatron.parallel.initialize import check_sizes
+    from moepp_megatron.parallel.layout import check_sizes
 
     sizes = dict(tensor_parallel=1, pipeline_parallel=1, expert_parallel=1,
                  virtual_pipeline_parallel=None, expert_tensor_parallel=None)
