@@ -95,7 +95,7 @@ def preprocess(
     files = expand_inputs(inputs)
     check_readers(files)
     if not Path(tokenizer_model).expanduser().is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+        raise FileNotFoundError(f"tokenizer model not found: {Path(tokenizer_model).expanduser().resolve()}")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from moepp_megatron.data.tokenizer import load_tokenizer
