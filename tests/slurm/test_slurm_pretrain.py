@@ -77,7 +77,7 @@ def test_sbatch_runs_training_to_the_end(reference, slurm, slurm_workdir, tiny_c
     assert f"job {job} (restart 0) on 1 node(s): localhost" in log
     assert f"repository {REPO}" in log
     assert re.search(r"node 0 of 1, \S+ process\(es\), rendezvous \S+:\d+", log), log
-    assert f"training {ITERATIONS} iterations from 0" in log
+    assert f"training iterations 1 to {ITERATIONS}" in log
     assert f"training step exited with 0; checkpoint at iteration {ITERATIONS} of {ITERATIONS}" in log
     assert "run complete" in log
     losses = train_losses(run_dir)
