@@ -117,7 +117,7 @@ def _main(argv) -> int:
     stop_when_orphaned(lambda: os.kill(os.getpid(), signal.SIGTERM))
     trainer = Trainer(config, plan)
     if args.verbose:
-        trainer.metrics.print("resolved config:\n" + resolved_config_yaml(trainer.config))
+        trainer.metrics.print("resolved config:\n" + resolved_config_yaml(trainer.resolved))
     return trainer.run()
 
 
