@@ -24,7 +24,9 @@ Written against megatron-core 0.16.1 (Python 3.11). On a bump, re-check:
   * ``DistributedOptimizer._init_optimizer_states_with_dummy_values``, the ``dp_reshardable``
     optimizer state layout, and the one 'step' tensor ``DistributedOptimizer.load_state_dict``
     gives every torch Adam state (checkpoint/checkpointer.py);
-  * ``indexed_dataset._IndexReader`` (data/blend.py).
+  * ``indexed_dataset._IndexReader`` (data/blend.py);
+  * ``destroy_model_parallel`` leaving most of its groups registered with torch
+    (parallel/initialize.py).
 
 Known to change in 0.17-0.19 (they need Python >= 3.12):
   * 0.17: ``MoESubmodules.experts`` become builder callables called directly instead of specs
@@ -236,6 +238,27 @@ def _untie_adam_steps(optimizer) -> None:
                 state["step"] = step.detach().clone()
 
 
+# --- Process groups (parallel/initialize.py) -------------------------------------------------
+# megatron's destroy_model_parallel forgets its groups but destroys only the gloo
+# data-parallel ones: the rest stay registered with torch, alive with their threads (gloo: a
+# TCP loop and two worker threads per group, which keep waking up). Re-initialising in one
+# process (a second conversion, a test) then leaks about twenty groups each time.
+
+
+def destroy_model_parallel_groups() -> None:
+    """megatron's ``destroy_model_parallel``, then every process group but the default one
+    (the package creates no other), found as megatron itself finds its gloo groups: torch's
+    ``_world.pg_map``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        world = dist.distributed_c10d._get_default_group()
+        for group in [g for g in dist.distributed_c10d._world.pg_map if g is not world]:
+            dist.destroy_process_group(group)
+
+
 # --- Indexed datasets (data/blend.py) ---------------------------------------------------------
 
 
@@ -252,10 +275,12 @@ class IndexSummary:
 def read_index_summary(idx_path: str) -> IndexSummary:
     """Reads the index without its ``.bin`` file (megatron's ``IndexedDataset`` opens both and
     asserts). Raises what megatron and numpy raise on a damaged file (AssertionError,
-    ValueError, ...)."""
+    ValueError, ...). Reads the header and the last entry only (the arrays are memory-mapped):
+    megatron's writer stores sequences back to back from byte 0, so the tokens are the
+    ``.bin`` size over the token size, whatever the corpus size."""
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
     index = _IndexReader(idx_path, multimodal=False)
     count = len(index)
     last_end = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if count else 0
-    return IndexSummary(num_sequences=count, num_tokens=int(index.sequence_lengths.sum()), bin_bytes=last_end)
+    return IndexSummary(num_sequences=count, num_tokens=last_end // index.dtype_size, bin_bytes=last_end)

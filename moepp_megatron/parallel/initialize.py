@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from moepp_megatron.compat.cpu import cpu_mode_requested, enable_cpu_mode
+from moepp_megatron.compat.megatron_internals import destroy_model_parallel_groups
 from moepp_megatron.parallel.layout import NoCudaError, check_sizes
 
 __all__ = ["initialize_parallel", "destroy_parallel"]
@@ -110,7 +111,7 @@ def initialize_parallel(
         )
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
@@ -140,6 +141,6 @@ def _set_random_seed(seed: int) -> None:
 def destroy_parallel() -> None:
     """Tear down megatron's parallel groups and the default process group (if any)."""
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -145,15 +145,12 @@ class Trainer:
         self.metrics.print(describe(self.plan))
         self.geometry = self.plan.geometry
         self.bf16 = config.bf16
-        self.model_config = config.model
         # What this job runs, null defaults decided: saved with every checkpoint.
         self.resolved = dataclasses.replace(config, training=dataclasses.replace(config.training, bf16=self.bf16))
         if self.is_logging_rank:
             write_durably(self.run_dir / "config.yaml", resolved_config_yaml(self.resolved))
         # One chunk per virtual pipeline stage; checkpoints and statistics see them as one.
-        self.chunks = build_model(
-            self.model_config, p, bf16=self.bf16, deterministic=config.training.deterministic
-        )
+        self.chunks = build_model(config.model, p, bf16=self.bf16, deterministic=config.training.deterministic)
         self.ddp = ddp_config(p, config.optim.use_distributed_optimizer)
         self.models = [wrap_for_training(chunk, p.cpu_mode, self.bf16, self.ddp) for chunk in self.chunks]
         hook_communication(self.models, self.ddp)

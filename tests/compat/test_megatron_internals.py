@@ -255,6 +255,34 @@ def test_aux_loss_tracker_layout_and_reduction(single_process):
         tracker.pop("never_logged", None)
 
 
+def test_destroy_model_parallel_still_leaves_groups_registered(single_process):
+    """When megatron destroys its groups itself, destroy_model_parallel_groups can go back to
+    calling it alone."""
+    from megatron.core import parallel_state
+
+    from moepp_megatron.parallel.initialize import initialize_parallel
+
+    initialize_parallel(cpu_mode=True)
+    registered = dist_groups()
+    parallel_state.destroy_model_parallel()
+    try:
+        assert len(dist_groups()) > 1, "megatron's destroy_model_parallel now destroys its groups"
+    finally:
+        internals.destroy_model_parallel_groups()
+    assert dist_groups() == [torch.distributed.distributed_c10d._get_default_group()]
+    initialize_parallel(cpu_mode=True)
+    assert len(dist_groups()) == len(registered)
+
+
+def dist_groups() -> list:
+    pg_map = getattr(getattr(torch.distributed.distributed_c10d, "_world", None), "pg_map", None)
+    assert pg_map is not None, _broken(
+        "torch.distributed.distributed_c10d._world.pg_map is gone",
+        f"{SEAMS}.destroy_model_parallel_groups", "parallel/initialize.py",
+    )
+    return list(pg_map)
+
+
 def test_index_summary_describes_the_bin_file(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
