@@ -5,6 +5,8 @@
     moepp-bench comm     [--model 0.6B] [--ep 2,4] [--tokens N]
     moepp-bench train    [--model 0.6B] [--micro-batch B] [--seq-length S] [--microbatches M]
                          [--routing balanced|init]
+    moepp-bench costs    [--runs moepp-0.6b-tau0.75,...] [--micro-batch B] [--seq-length S]
+                         (per-layer costs of the paper runs: moepp-train --dry-run's step time)
     moepp-bench startup  [--repeats 3]  (start-up time of every command, fresh processes)
     moepp-bench report   [--readme README.md]
     moepp-bench all      (every benchmark with its defaults, then report)
@@ -19,7 +21,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from moepp_megatron.bench.presets import PRESETS, TAUS
+from moepp_megatron.bench.presets import PAPER_RUNS, PRESETS, TAUS
 from moepp_megatron.bench.records import repo_default, write_record
 from moepp_megatron.bench.report import update_readme
 from moepp_megatron.known_warnings import ignore_known_warnings
@@ -40,6 +42,7 @@ DEFAULT_KEYS = {
     "layer": {"tokens": "layer_tokens", "warmup": "warmup", "repeats": "repeats"},
     "overhead": {"tokens": "layer_tokens", "warmup": "warmup", "repeats": "repeats"},
     "comm": {},
+    "costs": {"warmup": "train_warmup", "repeats": "train_repeats"},
     "train": {"micro_batch": "micro_batch", "seq_length": "seq_length", "microbatches": "microbatches",
               "warmup": "train_warmup", "repeats": "train_repeats"},
 }
@@ -93,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("balanced", "init"), default="balanced",
                    help="balanced: every layer at its loss's balance (tau for MoE++); init: fresh routers")
 
+    p = sub.add_parser("costs", help="per-layer training costs of the paper runs (for the step-time estimate)")
+    common(p)
+    p.add_argument("--runs", type=_csv(str), default=list(PAPER_RUNS), help="paper runs (scripts/slurm/paper_runs.sh)")
+    p.add_argument("--micro-batch", type=int, help="instead of the run's recipe (e.g. small, on CPU)")
+    p.add_argument("--seq-length", type=int, help="instead of the run's recipe")
+
     p = sub.add_parser("startup", help="seconds until each command's --help and first error")
     p.add_argument("--results-dir", type=Path, **repo_default("bench/results"))
     p.add_argument("--repeats", type=int, default=3)
@@ -113,11 +122,15 @@ def _initialize(device) -> None:
     initialize_parallel(cpu_mode=device.type == "cpu")
 
 
+def _config(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "results_dir"}
+
+
 def run_all(args: argparse.Namespace) -> None:
     shared = ["--results-dir", str(args.results_dir), "--set", *args.overrides]
     timing = ["--device", args.device, "--threads", str(args.threads)]
     timing += [f"--{name}={value}" for name in ("warmup", "repeats") if (value := getattr(args, name)) is not None]
-    for command in ("layer", "overhead", "train"):
+    for command in ("layer", "overhead", "train", "costs"):
         main([command, *timing, *shared])
     main(["comm", *shared])
     main(["report", "--results-dir", str(args.results_dir), "--readme", str(args.readme)])
@@ -136,7 +149,7 @@ def main(argv=None) -> None:
     # The benchmarks import torch and megatron-core: only once there is something to run.
     import torch
 
-    from moepp_megatron.bench import comm, expert_layer, layer, overhead, startup, train
+    from moepp_megatron.bench import comm, costs, expert_layer, layer, overhead, startup, train
     from moepp_megatron.bench.measure import clock_name, resolve_device
 
     if args.command == "startup":
@@ -153,8 +166,16 @@ def main(argv=None) -> None:
             setattr(args, name, DEFAULTS[key][gpu])
     if args.command == "train":
         args.overrides = [*args.overrides, f"model.seq_length={args.seq_length}"]
+    if args.command == "costs":
+        _initialize(device)
+        results = costs.bench(args.runs, args.overrides, args.micro_batch, args.seq_length, device,
+                              args.warmup, args.repeats)
+        path = write_record("costs", device, {**_config(args), "clock": clock_name(device)}, results,
+                            args.results_dir)
+        print(f"wrote {path}")
+        return
     models = [args.model] if hasattr(args, "model") else args.models
-    config = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    config = _config(args)
     if args.command != "comm":
         config["clock"] = clock_name(device)
     config["resolved_models"] = {

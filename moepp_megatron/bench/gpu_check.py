@@ -15,9 +15,11 @@ hang in one stage keeps the records of the stages before it:
 1. ``tests``: ``pytest -m gpu tests/gpu`` (bf16 layer and model vs the reference, sync-free
    routing, grouped GEMM, compiled routing, one-GPU training with exact resume and HF export);
    the per-test outcomes become a ``gpu-tests`` record.
-2. ``layer`` (paper shapes, bf16, grouped GEMM, every tau) and ``overhead`` (compile on).
-3. ``train``: the 0.6B preset, MoE++ vs vanilla, on one GPU.
-4. ``report``: README's Performance tables from the new records.
+2. ``costs``: per-layer training costs of the paper runs (what ``moepp-train --dry-run``
+   and README's paper-run table turn into step times on 4 x 8 A100).
+3. ``layer`` (paper shapes, bf16, grouped GEMM, every tau) and ``overhead`` (compile on).
+4. ``train``: the 0.6B preset, MoE++ vs vanilla, on one GPU.
+5. ``report``: README's generated tables from the new records.
 
 A ``gpu-check`` summary (each stage's exit code, time, and the tail of its output) is
 rewritten after every stage. With ``--out`` every record, the summary, the full log and the
@@ -73,14 +75,18 @@ class Stage:
 
 
 STAGES = [
-    Stage("tests", [], 170, dry_limit_s=900),
+    Stage("tests", [], 160, dry_limit_s=900),
+    # The runs as their configs are (no overrides): their dry runs look the costs up by model.
+    Stage("costs", ["costs", "--warmup", "2", "--repeats", "5"], 70,
+          ["costs", "--runs", "moepp-0.6b-tau0.75", "--micro-batch", "1", "--seq-length", "32", *DRY_TIMING,
+           *TINY]),
     Stage("layer", ["layer", "--models", "0.6B,1B,2B,7B", "--warmup", "3", "--repeats", "10",
-                    "--set", "model.moe.grouped_gemm=true"], 120,
+                    "--set", "model.moe.grouped_gemm=true"], 100,
           ["layer", "--models", "0.6B", "--taus", "0.5,1.0", "--tokens", "64", *DRY_TIMING, *TINY,
            "model.moe.grouped_gemm=true"]),
-    Stage("overhead", ["overhead", "--models", "0.6B,7B", "--compile", "on"], 50,
+    Stage("overhead", ["overhead", "--models", "0.6B,7B", "--compile", "on"], 40,
           ["overhead", "--models", "0.6B", "--compile", "on", "--tokens", "64", *DRY_TIMING, *TINY]),
-    Stage("train", ["train", "--model", "0.6B"], 100,
+    Stage("train", ["train", "--model", "0.6B"], 70,
           ["train", "--model", "0.6B", "--micro-batch", "1", "--seq-length", "32", "--microbatches", "1",
            *DRY_TIMING, *TINY]),
     Stage("report", ["report"], 20, ["report"]),

@@ -136,6 +136,17 @@ def write_record(
     return path
 
 
+def records_of(benchmark: str, results_dir: Path) -> list[dict]:
+    """Every record of ``benchmark`` in ``results_dir``, newest first."""
+    records = []
+    for path in sorted(Path(results_dir).glob(f"*_{benchmark}*.json"), reverse=True):
+        record = json.loads(path.read_text())
+        if record["benchmark"] == benchmark:
+            record["path"] = path.name
+            records.append(record)
+    return records
+
+
 def latest_records(results_dir: Path) -> dict[tuple[str, str], dict]:
     """The newest record per (benchmark, device slug); file names sort by time."""
     latest: dict[tuple[str, str], dict] = {}

@@ -40,7 +40,8 @@ from moepp_megatron.bench.layer import time_layer
 from moepp_megatron.bench.measure import peak_memory, reset_peak_memory, resolve_device, summarize, time_calls
 from moepp_megatron.bench.paper import paper_speedup
 from moepp_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfig
-from moepp_megatron.model.size import forward_flops_per_token, peak_flops
+from moepp_megatron.model.hardware import peak_flops
+from moepp_megatron.model.size import forward_flops_per_token
 
 def _batch(model: ModelConfig, micro_batch: int, device, generator) -> dict:
     tokens = torch.randint(0, model.vocab_size, (micro_batch, model.seq_length + 1), generator=generator)
@@ -56,27 +57,78 @@ def _expert_layers(gpt) -> list:
     return [layer.mlp for layer in gpt.decoder.layers if hasattr(layer.mlp, "router")]
 
 
+class TrainingStep:
+    """What the trainer's step does, on one device and random tokens: megatron's
+    forward-backward schedule over the micro-batches (DDP, ``finalize_model_grads``), then the
+    optimizer and LR-scheduler step. ``routing``: ``balanced`` forces every router to the
+    balance its loss aims at (module docstring), ``init`` keeps the fresh routers' picks. A
+    context manager: the forced routing ends with it. Needs megatron's parallel state."""
+
+    def __init__(self, model: ModelConfig, device, micro_batch: int, num_microbatches: int, routing: str) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        from moepp_megatron.compat.megatron_internals import forget_aux_losses
+        from moepp_megatron.model.builder import build_model
+        from moepp_megatron.training.optimizer import build_optimizer
+        from moepp_megatron.training.trainer import wrap_for_training
+
+        forget_aux_losses()  # sized by an earlier model of this process
+        cpu = device.type == "cpu"
+        self.model, self.micro_batch, self.num_microbatches = model, micro_batch, num_microbatches
+        (self.gpt,) = build_model(model, ParallelConfig(cpu_mode=cpu), bf16=not cpu)
+        self.ddp = wrap_for_training(self.gpt, cpu_mode=cpu, bf16=not cpu)
+        self.optimizer, self.scheduler = build_optimizer(
+            [self.ddp], OptimConfig(warmup_iters=1), bf16=not cpu, train_iters=100
+        )
+        self.routers = [m for m in self.gpt.modules() if isinstance(m, TopKRouter)]
+        self._forcing = contextlib.ExitStack()
+        if routing == "balanced":
+            picks_TK = expert_layer.balanced_picks(model, micro_batch * model.seq_length)
+            for router in self.routers:
+                self._forcing.enter_context(forced_routing(router, picks_TK))
+        generator = torch.Generator().manual_seed(0)
+        self.batches = [_batch(model, micro_batch, device, generator) for _ in range(num_microbatches)]
+
+    def __enter__(self) -> "TrainingStep":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._forcing.close()
+
+    def forward_backward(self) -> float:
+        """The schedule over the micro-batches; their mean loss."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from moepp_megatron.training.forward_step import gpt_forward_step
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=gpt_forward_step, data_iterator=iter(self.batches), model=[self.ddp],
+            num_microbatches=self.num_microbatches, seq_length=self.model.seq_length,
+            micro_batch_size=self.micro_batch, forward_only=False,
+        )
+        return float(torch.stack([item["lm loss"] for item in losses]).mean())
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+
+    def __call__(self) -> float:
+        loss = self.forward_backward()
+        self.optimizer_step()
+        return loss
+
+
 def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch: int,
                 num_microbatches: int, warmup: int, repeats: int, routing: str) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from moepp_megatron.model.builder import build_model
     from moepp_megatron.parallel.initialize import initialize_parallel
-    from moepp_megatron.training.forward_step import gpt_forward_step
-    from moepp_megatron.training.optimizer import build_optimizer
-    from moepp_megatron.training.trainer import wrap_for_training
 
     device = resolve_device(device_name)
     cpu = device.type == "cpu"
     if cpu:
         torch.set_num_threads(threads)
-    parallel = ParallelConfig(cpu_mode=cpu)
     initialize_parallel(cpu_mode=cpu)
-    (gpt,) = build_model(model, parallel, bf16=not cpu)
-    ddp = wrap_for_training(gpt, cpu_mode=cpu, bf16=not cpu)
-    optimizer, scheduler = build_optimizer([ddp], OptimConfig(warmup_iters=1), bf16=not cpu, train_iters=100)
-
     counts = {"tokens": 0, "ffn": 0}
 
     def count_ffn(router, args, output):
@@ -84,31 +136,9 @@ def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch:
         counts["tokens"] += routing_map_TN.shape[0]
         counts["ffn"] += routing_map_TN[:, : router.config.num_moe_experts].sum()
 
-    routers = [m for m in gpt.modules() if isinstance(m, TopKRouter)]
-    for router in routers:
-        router.register_forward_hook(count_ffn)
-    forcing = contextlib.ExitStack()
-    if routing == "balanced":
-        picks_TK = expert_layer.balanced_picks(model, micro_batch * model.seq_length)
-        for router in routers:
-            forcing.enter_context(forced_routing(router, picks_TK))
-
-    generator = torch.Generator().manual_seed(0)
-    batches = [_batch(model, micro_batch, device, generator) for _ in range(num_microbatches)]
-
-    def step() -> float:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=gpt_forward_step, data_iterator=iter(batches), model=[ddp],
-            num_microbatches=num_microbatches, seq_length=model.seq_length,
-            micro_batch_size=micro_batch, forward_only=False,
-        )
-        optimizer.step()
-        scheduler.step(increment=1)
-        return float(torch.stack([item["lm loss"] for item in losses]).mean())
-
-    with forcing:
+    with TrainingStep(model, device, micro_batch, num_microbatches, routing) as step:
+        for router in step.routers:
+            router.register_forward_hook(count_ffn)
         for _ in range(warmup):
             step()
         counts.update(tokens=0, ffn=0)
@@ -118,7 +148,7 @@ def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch:
         peak = peak_memory(device)
         ffn_experts_per_token = float(counts["ffn"]) / max(counts["tokens"], 1)
         # One of the model's expert layers (its parameters, dtype, routing) on one micro-batch.
-        layers = _expert_layers(gpt)
+        layers = _expert_layers(step.gpt)
         x_SBD = expert_layer.layer_input(model, micro_batch * model.seq_length, device)
         layer_time = time_layer(layers[0], x_SBD, device, 1, repeats)
     return {
@@ -128,7 +158,7 @@ def _train_rank(model: ModelConfig, device_name: str, threads: int, micro_batch:
         "losses": losses,
         "peak_memory": peak,
         "ffn_experts_per_token": ffn_experts_per_token,
-        "num_parameters": sum(p.numel() for p in gpt.parameters()),
+        "num_parameters": sum(p.numel() for p in step.gpt.parameters()),
         "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu",
     }
 

@@ -18,7 +18,8 @@ Written against megatron-core 0.16.1 (Python 3.11). On a bump, re-check:
   * the alltoall dispatcher's ``num_out_tokens`` and ``_maybe_update_cuda_sync_point`` with
     its "before_permutation_1" point (moepp/token_dispatcher.py);
   * the layer-wise aux-loss tracker: a dict of ``{"values", "reduce_group", "avg_group",
-    "reduce_group_has_dp"}`` per loss name (moepp/statistics.py);
+    "reduce_group_has_dp"}`` per loss name, sized by the first model that logs
+    (moepp/statistics.py, bench/train.py);
   * ``GroupedMLP.__init__`` calling ``grouped_gemm_util.assert_grouped_gemm_is_available``
     through the module (model/grouped_experts.py);
   * ``DistributedOptimizer._init_optimizer_states_with_dummy_values``, the ``dp_reshardable``
@@ -144,6 +145,14 @@ def reduce_and_clear_aux_losses(track_names: Sequence[str], num_layers: int) -> 
     values = {name: tracker[name]["values"].tolist() for name in track_names}
     moe_utils.clear_aux_losses_tracker()
     return values
+
+
+def forget_aux_losses() -> None:
+    """Empty the tracker: its per-layer tensors are sized by the first model that logs, so a
+    deeper model built later in the same process (bench/costs.py) would index past them."""
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
 
 
 # --- GroupedMLP without the grouped_gemm package (model/grouped_experts.py) ------------------

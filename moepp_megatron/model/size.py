@@ -14,16 +14,7 @@ from dataclasses import dataclass
 
 from moepp_megatron.config.schema import ModelConfig, MoEConfig, ParallelConfig
 
-# Dense bf16 tensor-core peak, FLOP/s (vendor data sheets; SXM parts).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "A100": 312e12}
 ROUTER_MLP_EXPANSION = 8  # the MLP router's hidden width is 8N (moepp/router.py)
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
@@ -168,22 +159,41 @@ def training_memory(model: ModelConfig, parallel: ParallelConfig, *, world_size:
                  e FFN experts per token (only the layer input where recomputed), for
                  min(PP, micro-batches) micro-batches in flight; plus fp32 logits
     """
-    tp, pp, ep = parallel.tensor, parallel.pipeline, parallel.expert
-    dp = world_size // (tp * pp)
-    expert_dp = world_size // (tp * ep * pp)
-    layers = stage_layers(model, parallel)
-    share = layers / model.num_layers
-    counts = parameter_counts(model)
-    dense_params = ((counts.total - counts.expert - counts.embedding) * share + counts.embedding / 2) / tp
-    expert_params = counts.expert * share / (ep * tp)
+    rank = rank_parameters(model, parallel, world_size)
     param_bytes = 2 if bf16 else 4
-    weights = (param_bytes + 4) * (dense_params + expert_params)
+    weights = (param_bytes + 4) * (rank.dense + rank.expert)
     moments = (4 if bf16 else 0) + 8
-    optimizer = moments * (dense_params / (dp if distributed_optimizer else 1)
-                           + expert_params / (expert_dp if distributed_optimizer else 1))
-    activations = _activation_bytes(model, parallel, micro_batch, layers, param_bytes)
-    in_flight = min(pp, num_microbatches)
+    optimizer = moments * rank.updated(distributed_optimizer)
+    activations = _activation_bytes(model, parallel, micro_batch, stage_layers(model, parallel), param_bytes)
+    in_flight = min(parallel.pipeline, num_microbatches)
     return MemoryEstimate(int(weights), int(optimizer), int(activations * in_flight))
+
+
+@dataclass(frozen=True)
+class RankParameters:
+    """The parameters one rank of the busiest pipeline stage holds."""
+
+    dense: float  # everything but the FFN experts: sharded by TP (and PP)
+    expert: float  # FFN experts: sharded by EP x TP (and PP)
+    data_parallel: int
+    expert_data_parallel: int
+
+    def updated(self, distributed_optimizer: bool) -> float:
+        """Parameters whose optimizer state the rank keeps and updates: with the distributed
+        optimizer, its shard over the (expert-)data-parallel group."""
+        if not distributed_optimizer:
+            return self.dense + self.expert
+        return self.dense / self.data_parallel + self.expert / self.expert_data_parallel
+
+
+def rank_parameters(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> RankParameters:
+    """Half the embedding parameters (input embedding or output layer) count on the stage."""
+    tp, pp, ep = parallel.tensor, parallel.pipeline, parallel.expert
+    share = stage_layers(model, parallel) / model.num_layers
+    counts = parameter_counts(model)
+    dense = ((counts.total - counts.expert - counts.embedding) * share + counts.embedding / 2) / tp
+    return RankParameters(dense=dense, expert=counts.expert * share / (ep * tp),
+                          data_parallel=world_size // (tp * pp), expert_data_parallel=world_size // (tp * ep * pp))
 
 
 def _activation_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch: int, layers: int,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from moepp_megatron.config.schema import OptimConfig, RunConfig
 from moepp_megatron.model import size
+from moepp_megatron.model.hardware import GPU
+from moepp_megatron.model.step_time import StepTime, estimate_step_time, matching_costs
 
 
 class ConfigError(ValueError):
@@ -334,3 +336,41 @@ def describe(plan: RunPlan) -> str:
     lines.append(f"run dir    {Path(c.run_dir).absolute()} ({resume})")
     return "\n".join(lines)
 
+
+
+def estimate_run_step(config: RunConfig, world_size: int, geometry: BatchGeometry, target: GPU,
+                      costs_records: list[dict]) -> tuple[StepTime, str] | str:
+    """The expected step time of the run on ``world_size`` ``target`` GPUs and where its
+    per-layer costs come from; or why there is none."""
+    found = matching_costs(costs_records, config.model, geometry.micro_batch_size)
+    if found is None:
+        return (f"no per-layer costs measured on a GPU for this model at micro-batch {geometry.micro_batch_size} x "
+                f"{geometry.seq_length} (`moepp-bench costs` on a GPU measures the paper runs; "
+                "scripts/gpu_check.sh runs it)")
+    costs, source = found
+    try:
+        step = estimate_step_time(config.model, config.parallel, config.optim, world_size=world_size,
+                                  micro_batch=geometry.micro_batch_size, num_microbatches=geometry.num_microbatches,
+                                  costs=costs, target=target)
+    except ValueError as e:
+        return str(e)
+    return step, f"per-layer costs measured on {costs.measured_on.name} ({source})"
+
+
+def describe_step_time(plan: RunPlan, target: GPU, costs_records: list[dict]) -> str:
+    """``--dry-run``'s step-time line."""
+    g = plan.geometry
+    estimate = estimate_run_step(plan.config, plan.layout.world_size, g, target, costs_records)
+    if isinstance(estimate, str):
+        return f"step time  not estimated: {estimate}"
+    step, source = estimate
+    tokens_per_s = g.global_batch_size * g.seq_length / step.total_s
+    days = step.total_s * g.train_iters / 86400
+    hidden = f", {step.data_parallel_s - step.data_parallel_exposed_s:.3f} overlapped" if step.data_parallel_s else ""
+    return "\n".join([
+        f"step time  ~{step.total_s:.2f} s on {plan.layout.world_size} x {target.name}: compute {step.compute_s:.3f} "
+        f"+ pipeline bubble {step.bubble_s:.3f} + all-to-all {step.all_to_all_s:.3f} + pipeline sends "
+        f"{step.pipeline_s:.3f} + optimizer {step.optimizer_s:.3f} + data parallel {step.data_parallel_exposed_s:.3f}"
+        f"{hidden}; {size.format_count(tokens_per_s)} tokens/s, {days:.1f} days for the run",
+        f"           from {source}; an estimate (model/step_time.py)",
+    ])

@@ -19,6 +19,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from moepp_megatron.signals import stop_request
 
@@ -33,6 +34,7 @@ from moepp_megatron.config import load_config, resolved_config_yaml  # noqa: E40
 from moepp_megatron.training.plan import (  # noqa: E402
     ConfigError,
     describe,
+    describe_step_time,
     plan_run,
     resolve,
     smallest_world_size,
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="check the config, print the plan (layout, parameters, FLOPs, memory per rank, "
-                           "data blend, run directory) and exit; starts no process")
+                           "data blend, run directory, expected step time) and exit; starts no process")
     mode.add_argument("--check", action="store_true",
                       help="check the config and exit, printing only errors (scripts/pretrain.sh runs "
                            "this before torchrun)")
@@ -87,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int,
                         help="processes to plan for (default: WORLD_SIZE under torchrun; else, for --check and "
                              "--dry-run, the smallest number that fits the layout)")
+    parser.add_argument("--gpu", help="with --dry-run: the GPU to estimate the step time for (default: this "
+                                      "machine's, else A100, the paper's)")
+    parser.add_argument("--layer-costs", type=Path, help="with --dry-run: a directory of `moepp-bench costs` "
+                                                         "records (default: bench/results of this checkout)")
     parser.add_argument("--verbose", action="store_true", help="also print the resolved config at start")
     return parser
 
@@ -108,6 +114,7 @@ def _main(argv) -> int:
         return 0
     if args.dry_run:
         print(describe(plan))
+        print(describe_step_time(plan, _target_gpu(args.gpu), _costs_records(args.layer_costs)))
         return 0
 
     from moepp_megatron.training.run_dir import stop_when_orphaned
@@ -119,6 +126,28 @@ def _main(argv) -> int:
     if args.verbose:
         trainer.metrics.print("resolved config:\n" + resolved_config_yaml(trainer.resolved))
     return trainer.run()
+
+
+def _target_gpu(name: str | None):
+    import torch
+
+    from moepp_megatron.model.hardware import GPUS, find_gpu
+
+    name = name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "A100")
+    gpu = find_gpu(name)
+    if gpu is None:
+        raise ConfigError(f"GPU {name!r}: no data sheet for it in model/hardware.py; --gpu takes one of "
+                          f"{', '.join(g.name for g in GPUS)}")
+    return gpu
+
+
+def _costs_records(directory: Path | None) -> list[dict]:
+    from moepp_megatron.bench.records import IN_CHECKOUT, REPO_ROOT, records_of
+
+    directory = directory or (REPO_ROOT / "bench/results" if IN_CHECKOUT else None)
+    if directory is not None and not directory.is_dir():
+        raise ConfigError(f"--layer-costs {directory}: not a directory")
+    return records_of("costs", directory) if directory else []
 
 
 if __name__ == "__main__":

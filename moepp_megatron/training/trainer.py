@@ -34,7 +34,8 @@ from moepp_megatron.data.blend import build_gpt_datasets
 from moepp_megatron.data.tokenizer import load_tokenizer
 from moepp_megatron.files import write_durably
 from moepp_megatron.model.builder import build_model
-from moepp_megatron.model.size import format_count, peak_flops, training_flops_per_token
+from moepp_megatron.model.hardware import peak_flops
+from moepp_megatron.model.size import format_count, training_flops_per_token
 from moepp_megatron.moepp.config import dropless, has_capacity
 from moepp_megatron.moepp.statistics import (
     collect_aux_losses,

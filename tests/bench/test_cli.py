@@ -3,6 +3,7 @@ MoE++ and vanilla see the same tokens; ``report`` turns the records into README 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from moepp_megatron.bench import cli
 from moepp_megatron.bench.distributions import ideal_speedup
 from moepp_megatron.bench.paper import paper_speedup
 from moepp_megatron.bench.records import RECORD_KEYS, SCHEMA_VERSION
-from moepp_megatron.bench.report import BEGIN, END
+from moepp_megatron.bench.report import BEGIN, END, RUNS_BEGIN, RUNS_END
 
 TINY = ["--set", "model.hidden_size=32", "model.moe.ffn_hidden_size=64"]
 TIMING = ["--device", "cpu", "--warmup", "0", "--repeats", "1"]
@@ -49,11 +50,11 @@ def test_all_runs_every_benchmark_then_the_report(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "main", calls.append)
     argv = ["all", "--device", "cpu", "--warmup", "0", "--results-dir", str(tmp_path), "--set", "a.b=1"]
     cli.run_all(cli._parser().parse_args(argv))
-    assert [call[0] for call in calls] == ["layer", "overhead", "train", "comm", "report"]
+    assert [call[0] for call in calls] == ["layer", "overhead", "train", "costs", "comm", "report"]
     timed = ["--device", "cpu", "--threads", "1", "--warmup=0", "--results-dir", str(tmp_path), "--set", "a.b=1"]
-    assert calls[0] == ["layer", *timed] and calls[2] == ["train", *timed]
-    assert calls[3] == ["comm", "--results-dir", str(tmp_path), "--set", "a.b=1"]
-    assert calls[4][:3] == ["report", "--results-dir", str(tmp_path)]
+    assert calls[0] == ["layer", *timed] and calls[2] == ["train", *timed] and calls[3] == ["costs", *timed]
+    assert calls[4] == ["comm", "--results-dir", str(tmp_path), "--set", "a.b=1"]
+    assert calls[5][:3] == ["report", "--results-dir", str(tmp_path)]
 
 
 def _assert_timing(summary: dict) -> None:
@@ -75,12 +76,47 @@ def test_layer_benchmark_record_and_report(tmp_path):
     assert balanced["paper_speedup"] == pytest.approx(paper_speedup("0.6B", 0.5)) == pytest.approx(535.3 / 387.3)
     assert init["paper_speedup"] is None
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# t\n\n## Performance\n\n{BEGIN}\nold\n{END}\n")
-    _bench("report", "--readme", str(readme), "--results-dir", str(tmp_path), timeout=120)
-    text = readme.read_text()
-    assert "old" not in text and "**layer** on CPU" in text
+    text = _report(tmp_path)
+    assert "**layer** on CPU" in text
     assert "| 0.6B (8+4E) | 0.50 |" in text and "1.38x" in text
+
+
+def _report(results_dir: Path) -> str:
+    """README's generated parts from the records in ``results_dir``."""
+    readme = results_dir / "README.md"
+    readme.write_text(f"# t\n\n## Reproducing the paper\n\n{RUNS_BEGIN}\nold\n{RUNS_END}\n\n"
+                      f"## Performance\n\n{BEGIN}\nold\n{END}\n")
+    _bench("report", "--readme", str(readme), "--results-dir", str(results_dir), timeout=120)
+    text = readme.read_text()
+    assert "old" not in text
+    return text
+
+
+@pytest.mark.slow
+def test_costs_benchmark_record_and_report(tmp_path):
+    from moepp_megatron.config import load_config
+    from moepp_megatron.model.size import parameter_counts
+
+    shape = [*TINY, "model.num_layers=2", "model.num_attention_heads=4", "model.head_dim=8"]
+    record = run_bench(tmp_path, "costs", "--runs", "moepp-0.6b-tau0.75,moepp-7b-s2", "--micro-batch", "1",
+                       "--seq-length", "32", *TIMING, *shape)
+    small, large = record["results"]
+    assert (small["run"], large["run"]) == ("moepp-0.6b-tau0.75", "moepp-7b-s2")
+    for row, preset in ((small, "moepp-0.6b-8+4e"), (large, "moepp-7b-16+4e")):
+        assert (row["micro_batch"], row["seq_length"]) == (1, 32)
+        for depth in ("one_layer", "two_layers"):
+            _assert_timing(row[depth]["forward_backward"])
+            _assert_timing(row[depth]["optimizer"])
+        # The two models differ by one decoder layer, as the config's arithmetic says.
+        model = load_config([preset], [*shape[1:], "model.seq_length=32"]).model
+        per_layer = parameter_counts(model).total - parameter_counts(dataclasses.replace(model, num_layers=1)).total
+        assert row["two_layers"]["parameters"] - row["one_layer"]["parameters"] == per_layer
+        assert row["layer_ms"] + row["ends_ms"] == pytest.approx(row["one_layer"]["forward_backward"]["median_ms"])
+    text = _report(tmp_path)
+    assert "**costs** on CPU" in text and "| moepp-7b-s2 | 1 x 32 |" in text
+    # A CPU measurement does not scale to an A100: the paper runs stay unmeasured.
+    assert "| MoE++ 0.6B (8+4)E | `moepp-0.6b-tau0.75` | PP 1 x DP 32, EP 8 | 16 x 4 |" in text
+    assert "not measured" in text
 
 
 def test_overhead_benchmark_record(tmp_path):

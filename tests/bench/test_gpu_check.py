@@ -34,7 +34,7 @@ def test_cpu_dry_run_runs_every_stage_and_keeps_its_records(tmp_path, monkeypatc
     summary = json.loads(summary_path.read_text())
     assert [s["stage"] for s in summary["results"]] == [stage.name for stage in gpu_check.STAGES]
     assert all(s["rc"] == 0 and not s["timed_out"] for s in summary["results"]), summary["results"]
-    for benchmark in ("gpu-tests", "layer", "overhead", "train"):
+    for benchmark in ("gpu-tests", "costs", "layer", "overhead", "train"):
         (path,) = results.glob(f"*_cpu_{benchmark}.json")
         assert (out / path.name).read_bytes() == path.read_bytes()
     tests = json.loads(next(results.glob("*_gpu-tests.json")).read_text())["results"]

@@ -129,6 +129,18 @@ def test_every_run_resolves_to_the_paper_recipe(tmp_path):
     assert sum(r.startswith(("moepp-0", "moepp-1", "moepp-2", "vanilla-")) for r in commands) == 18
 
 
+def test_the_benchmarks_paper_runs_are_the_scripts(tmp_path):
+    """README's table of memory and step time per run (bench/presets.py) describes the runs
+    this script submits."""
+    from moepp_megatron.bench.presets import PAPER_RUNS as BENCH_RUNS
+
+    commands = dry_run(tmp_path, *BENCH_RUNS)
+    resolve = resolve_run_module()
+    for name, run in BENCH_RUNS.items():
+        configs, overrides = resolve.parse(list(commands[name][2]))
+        assert load_config(configs, overrides) == load_config(run.configs, run.overrides), name
+
+
 @pytest.mark.slurm
 def test_submissions_reach_slurm_with_their_dependencies(slurm, tmp_path):
     """Held jobs (sbatch --hold) in the local cluster: names, logs, requeue flag, commands, and

@@ -4,6 +4,8 @@ starts nothing; a config mistake is one line and exit 1, once even with two rank
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +36,37 @@ def test_dry_run_prints_the_plan_and_starts_nothing(run_config, tmp_path):
         assert expected in out.stdout
     assert "Warning" not in out.stderr and "warn" not in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
+    # No GPU measured this model's per-layer costs (bench/results has CPU records only).
+    assert "step time  not estimated: no per-layer costs measured on a GPU for this model at micro-batch 4 x 32" \
+        in out.stdout
+
+
+def test_dry_run_step_time_from_per_layer_costs_measured_on_a_gpu(run_config, tmp_path):
+    from moepp_megatron.training.plan import plan_run
+
+    model = plan_run(load_config(run_config()), 2).config.model  # the vocabulary padded as the run has it
+    row = {"run": "tiny", "micro_batch": 4, "model": dataclasses.asdict(model), "layer_ms": 1.0, "ends_ms": 2.0,
+           "optimizer_ns_per_param": 0.5}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "20261201-000000_nvidia-h200_costs.json").write_text(json.dumps(
+        {"benchmark": "costs", "device": {"type": "cuda", "name": "NVIDIA H200"}, "results": [row]}))
+    out = moepp_train("--dry-run", "--config", run_config(), "--layer-costs", results, "--gpu", "H100")
+    assert out.returncode == 0, out.stderr
+    # 8 sequences per step over 2 data-parallel ranks: one micro-batch of 4 each; 2 layers.
+    # H200 and H100 have the same peak: compute = 1 x (2 x 1 ms + 2 ms).
+    assert "step time  ~0.00 s on 2 x H100: compute 0.004 + pipeline bubble 0.000 + all-to-all 0.000" in out.stdout
+    assert ("from per-layer costs measured on H200 (20261201-000000_nvidia-h200_costs.json, run tiny)"
+            in out.stdout), out.stdout
+
+
+def test_step_time_is_for_gpus_with_data_sheets():
+    from moepp_megatron.training.plan import ConfigError
+    from moepp_megatron.training.train import _target_gpu
+
+    assert _target_gpu("NVIDIA A100-SXM4-80GB").name == "A100"
+    with pytest.raises(ConfigError, match="GPU 'TPU v5': no data sheet .* --gpu takes one of H100 PCIe, H200"):
+        _target_gpu("TPU v5")
 
 
 def test_a_config_mistake_is_one_line_before_anything_starts(run_config):
