@@ -170,8 +170,9 @@ def main(argv=None) -> None:
         _initialize(device)
         results = costs.bench(args.runs, args.overrides, args.micro_batch, args.seq_length, device,
                               args.warmup, args.repeats)
-        path = write_record("costs", device, {**_config(args), "clock": clock_name(device)}, results,
-                            args.results_dir)
+        config = {**_config(args), "clock": clock_name(device),
+                  "resolved_models": {row["run"]: row["model"] for row in results}}
+        path = write_record("costs", device, config, results, args.results_dir)
         print(f"wrote {path}")
         return
     models = [args.model] if hasattr(args, "model") else args.models

@@ -53,9 +53,10 @@ def test_dry_run_step_time_from_per_layer_costs_measured_on_a_gpu(run_config, tm
         {"benchmark": "costs", "device": {"type": "cuda", "name": "NVIDIA H200"}, "results": [row]}))
     out = moepp_train("--dry-run", "--config", run_config(), "--layer-costs", results, "--gpu", "H100")
     assert out.returncode == 0, out.stderr
-    # 8 sequences per step over 2 data-parallel ranks: one micro-batch of 4 each; 2 layers.
-    # H200 and H100 have the same peak: compute = 1 x (2 x 1 ms + 2 ms).
-    assert "step time  ~0.00 s on 2 x H100: compute 0.004 + pipeline bubble 0.000 + all-to-all 0.000" in out.stdout
+    # 16 sequences per step over 2 data-parallel ranks: two micro-batches of 4 each; 4 layers.
+    # H200 and H100 have the same peak: compute = 2 x (4 x 1 ms + 2 ms).
+    assert "step time  ~0.01 s on 2 x H100: compute 0.012 + pipeline bubble 0.000 + all-to-all 0.000" in out.stdout, \
+        out.stdout
     assert ("from per-layer costs measured on H200 (20261201-000000_nvidia-h200_costs.json, run tiny)"
             in out.stdout), out.stdout
 
