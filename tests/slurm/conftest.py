@@ -27,6 +27,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs a real Slurm (a one-node cluster the tests start)")
 
 
+def pytest_collection_modifyitems(items):
+    """One cluster for all: the tests that use it run in one pytest-xdist worker."""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="session")
 def slurm():
     if os.environ.get("MOEPP_SKIP_SLURM") == "1":
