@@ -43,6 +43,7 @@ from moepp_megatron.config.schema import ModelConfig, OptimConfig, ParallelConfi
 from moepp_megatron.model.hardware import peak_flops
 from moepp_megatron.model.size import forward_flops_per_token
 
+
 def _batch(model: ModelConfig, micro_batch: int, device, generator) -> dict:
     tokens = torch.randint(0, model.vocab_size, (micro_batch, model.seq_length + 1), generator=generator)
     return {
