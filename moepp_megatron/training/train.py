@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.gpu or args.layer_costs) and not args.dry_run:
+        parser.error("--gpu and --layer-costs go with --dry-run")
     try:
         config = load_config(args.config, args.overrides)
     except (OSError, ValueError) as e:
@@ -109,12 +112,14 @@ def _main(argv) -> int:
     # Checked by hand (no launcher, no --world-size): the smallest world size the layout fits.
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (
         smallest_world_size(config) if args.dry_run or args.check else 1)
+    if args.dry_run:  # a wrong --gpu or --layer-costs before anything is printed
+        target, costs = _target_gpu(args.gpu), _costs_records(args.layer_costs)
     plan = plan_run(config, world_size)
     if args.check:
         return 0
     if args.dry_run:
         print(describe(plan))
-        print(describe_step_time(plan, _target_gpu(args.gpu), _costs_records(args.layer_costs)))
+        print(describe_step_time(plan, target, costs))
         return 0
 
     from moepp_megatron.training.run_dir import stop_when_orphaned

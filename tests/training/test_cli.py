@@ -61,13 +61,18 @@ def test_dry_run_step_time_from_per_layer_costs_measured_on_a_gpu(run_config, tm
             in out.stdout), out.stdout
 
 
-def test_step_time_is_for_gpus_with_data_sheets():
+def test_step_time_is_for_gpus_with_data_sheets(run_config):
     from moepp_megatron.training.plan import ConfigError
     from moepp_megatron.training.train import _target_gpu
 
     assert _target_gpu("NVIDIA A100-SXM4-80GB").name == "A100"
     with pytest.raises(ConfigError, match="GPU 'TPU v5': no data sheet .* --gpu takes one of H100 PCIe, H200"):
         _target_gpu("TPU v5")
+    # One line, before the plan is printed; and not accepted where nothing would read it.
+    out = moepp_train("--dry-run", "--config", run_config(), "--gpu", "TPU v5")
+    assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith("error: GPU 'TPU v5': no data sheet")
+    out = moepp_train("--check", "--config", run_config(), "--gpu", "A100")
+    assert out.returncode == 2 and "--gpu and --layer-costs go with --dry-run" in out.stderr
 
 
 def test_a_config_mistake_is_one_line_before_anything_starts(run_config):
