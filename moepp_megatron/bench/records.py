@@ -138,20 +138,21 @@ def write_record(
 
 def records_of(benchmark: str, results_dir: Path) -> list[dict]:
     """Every record of ``benchmark`` in ``results_dir``, newest first."""
-    records = []
-    for path in sorted(Path(results_dir).glob(f"*_{benchmark}*.json"), reverse=True):
-        record = json.loads(path.read_text())
-        if record["benchmark"] == benchmark:
-            record["path"] = path.name
-            records.append(record)
-    return records
+    records = (_read_record(path) for path in sorted(Path(results_dir).glob(f"*_{benchmark}*.json"), reverse=True))
+    return [record for record in records if record["benchmark"] == benchmark]
 
 
 def latest_records(results_dir: Path) -> dict[tuple[str, str], dict]:
     """The newest record per (benchmark, device slug); file names sort by time."""
     latest: dict[tuple[str, str], dict] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
-        record = json.loads(path.read_text())
-        record["path"] = path.name
+        record = _read_record(path)
         latest[(record["benchmark"], device_slug(record["device"]))] = record
     return latest
+
+
+def _read_record(path: Path) -> dict:
+    """The record, with its file name as ``path``."""
+    record = json.loads(path.read_text())
+    record["path"] = path.name
+    return record

@@ -43,6 +43,11 @@ def _overrides(record: dict) -> str:
     return f"; overrides {' '.join(f'`{o}`' for o in overrides)}" if overrides else ""
 
 
+def _memory(peak: dict) -> str:
+    """A peak-memory reading in GiB, with its kind."""
+    return f"{peak['bytes'] / 2**30:.2f} ({MEMORY_KIND[peak['kind']]})"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -110,7 +115,7 @@ def _train(record: dict) -> list[str]:
         [
             "MoE++" if r["method"] == "moepp" else "vanilla", str(r["tokens_per_step"]),
             f"{r['tokens_per_s']:.1f}", f"{r['step']['median_ms']:.0f}",
-            f"{r['peak_memory']['bytes'] / 2**30:.2f} ({MEMORY_KIND[r['peak_memory']['kind']]})",
+            _memory(r["peak_memory"]),
             f"{r['ffn_experts_per_token']:.2f}", _f(r.get("expert_layer_share"), ".0%"),
             f"{r['achieved_tflops']:.3f}", _f(r["mfu"], ".1%"),
         ]
@@ -145,7 +150,7 @@ def _costs(record: dict) -> list[str]:
     rows = [
         [r["run"], f"{r['micro_batch']} x {r['seq_length']}", f"{r['layer_ms']:.2f}", f"{r['ends_ms']:.2f}",
          f"{r['optimizer_ns_per_param']:.3f}",
-         f"{r['two_layers']['peak_memory']['bytes'] / 2**30:.2f} ({MEMORY_KIND[r['two_layers']['peak_memory']['kind']]})"]
+         _memory(r["two_layers"]["peak_memory"])]
         for r in record["results"]
     ]
     header = ["run", "micro-batch", "layer ms", "embedding+output+loss ms", "optimizer ns/param",
@@ -173,22 +178,18 @@ def render_paper_runs(results_dir: Path) -> str:
     from moepp_megatron.config.loader import load_config
     from moepp_megatron.model import size
     from moepp_megatron.model.hardware import find_gpu
-    from moepp_megatron.training.plan import batch_geometry, estimate_run_step
+    from moepp_megatron.training.plan import batch_geometry, estimate_run_step, run_memory
 
     gpu, costs = find_gpu(PAPER_GPU), records_of("costs", results_dir)
     rows = []
     for name, run in PAPER_RUNS.items():
         config = load_config(run.configs, run.overrides)
         p = config.parallel
-        g = batch_geometry(config, PAPER_WORLD_SIZE // (p.tensor * p.pipeline))
-        memory = size.training_memory(
-            config.model, p, world_size=PAPER_WORLD_SIZE, micro_batch=g.micro_batch_size,
-            num_microbatches=g.num_microbatches, bf16=config.training.bf16 is not False,
-            distributed_optimizer=config.optim.use_distributed_optimizer,
-        )
-        layout = f"PP {p.pipeline} x DP {PAPER_WORLD_SIZE // p.pipeline}, EP {p.expert}"
+        data_parallel = PAPER_WORLD_SIZE // (p.tensor * p.pipeline)
+        g = batch_geometry(config, data_parallel)
+        layout = f"PP {p.pipeline} x DP {data_parallel}, EP {p.expert}"
         cells = [run.label, f"`{name}`", layout, f"{g.num_microbatches} x {g.micro_batch_size}",
-                 size.format_bytes(memory.total)]
+                 size.format_bytes(run_memory(config, PAPER_WORLD_SIZE, g).total)]
         estimate = estimate_run_step(config, PAPER_WORLD_SIZE, g, gpu, costs)
         if isinstance(estimate, str):
             cells += ["not measured"] * 3
@@ -202,7 +203,7 @@ def render_paper_runs(results_dir: Path) -> str:
               f"step s ({PAPER_GPU})", "tokens/s", "days"]
     sources = sorted({r["path"] for r in costs if r["device"]["type"] == "cuda"})
     note = (f"Memory per GPU: the estimate of `moepp-train --dry-run` (model/size.py; weights, gradients, "
-            f"optimizer shard, activations of the micro-batches in flight), against {find_gpu(PAPER_GPU).memory / 1e9:.0f} GB. "
+            f"optimizer shard, activations of the micro-batches in flight), against {gpu.memory / 1e9:.0f} GB. "
             "Step time: model/step_time.py from per-layer costs measured on one GPU ("
             + (", ".join(f"`{s}`" for s in sources) if sources else "none measured yet: `scripts/gpu_check.sh` "
                "runs `moepp-bench costs` on a GPU")

@@ -152,12 +152,17 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
         config=config, layout=layout, geometry=geometry, tokenizer_pieces=tokenizer_pieces,
         params=size.parameter_counts(config.model),
         training_flops_per_token=size.training_flops_per_token(config.model, config.parallel),
-        memory=size.training_memory(
-            config.model, config.parallel, world_size=world_size, micro_batch=geometry.micro_batch_size,
-            num_microbatches=geometry.num_microbatches, bf16=config.bf16,
-            distributed_optimizer=config.optim.use_distributed_optimizer,
-        ),
+        memory=run_memory(config, world_size, geometry),
         sources=sources, resume_iteration=_resume_iteration(config),
+    )
+
+
+def run_memory(config: RunConfig, world_size: int, geometry: BatchGeometry) -> size.MemoryEstimate:
+    """The memory estimate of one rank of the run (model/size.py)."""
+    return size.training_memory(
+        config.model, config.parallel, world_size=world_size, micro_batch=geometry.micro_batch_size,
+        num_microbatches=geometry.num_microbatches, bf16=config.bf16,
+        distributed_optimizer=config.optim.use_distributed_optimizer,
     )
 
 
@@ -335,7 +340,6 @@ def describe(plan: RunPlan) -> str:
               else f"resumes from iteration {plan.resume_iteration}, verified when loaded")
     lines.append(f"run dir    {Path(c.run_dir).absolute()} ({resume})")
     return "\n".join(lines)
-
 
 
 def estimate_run_step(config: RunConfig, world_size: int, geometry: BatchGeometry, target: GPU,

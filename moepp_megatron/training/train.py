@@ -136,9 +136,10 @@ def _main(argv) -> int:
 def _target_gpu(name: str | None):
     import torch
 
+    from moepp_megatron.bench.presets import PAPER_GPU
     from moepp_megatron.model.hardware import GPUS, find_gpu
 
-    name = name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "A100")
+    name = name or (torch.cuda.get_device_name() if torch.cuda.is_available() else PAPER_GPU)
     gpu = find_gpu(name)
     if gpu is None:
         raise ConfigError(f"GPU {name!r}: no data sheet for it in model/hardware.py; --gpu takes one of "
