@@ -7,7 +7,11 @@ import os
 import pytest
 import torch
 
-from tests.distributed import find_free_port
+from tests.distributed import find_free_port, forget_port_claims
+
+
+def pytest_unconfigure(config):
+    forget_port_claims()
 
 
 @pytest.fixture(scope="session")

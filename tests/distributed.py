@@ -35,15 +35,19 @@ import multiprocessing.forkserver
 import os
 import pickle
 import queue
+import shutil
 import signal
-import socket
+import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "find_free_port", "DistributedTestError", "DistributedTestTimeout"]
+from moepp_megatron.parallel.ports import free_port
+
+__all__ = ["run_distributed", "find_free_port", "forget_port_claims", "DistributedTestError", "DistributedTestTimeout"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -74,12 +78,37 @@ class DistributedTestTimeout(DistributedTestError, TimeoutError):
     """The run did not finish in time; all processes were killed."""
 
 
+# Ports handed out in this test session, one empty file each: the directory is made by the
+# first process that imports this module (pytest's controller) and inherited by the xdist
+# workers and every subprocess through the environment.
+_CLAIMS_VARIABLE = "MOEPP_TEST_PORT_CLAIMS"
+_CLAIMS_MADE_HERE = _CLAIMS_VARIABLE not in os.environ
+if _CLAIMS_MADE_HERE:
+    os.environ[_CLAIMS_VARIABLE] = tempfile.mkdtemp(prefix="moepp-test-ports-")
+_PORT_CLAIMS = Path(os.environ[_CLAIMS_VARIABLE])
+
+
+def forget_port_claims() -> None:
+    """End of the session: the process that made the claims directory removes it."""
+    if _CLAIMS_MADE_HERE:
+        shutil.rmtree(_PORT_CLAIMS, ignore_errors=True)
+
+
 def find_free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 that no other process of this test session was given.
+
+    ``free_port`` keeps clear of the ports the kernel gives outgoing connections; the claim keeps
+    clear of ports another worker (or its Slurm job, torchrun or GPU-check stage) was handed
+    and has not bound yet.
+    """
+    _PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
+    while True:
+        port = free_port()
+        try:
+            os.close(os.open(_PORT_CLAIMS / str(port), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        return port
 
 
 def _child(fn, rank: int, world_size: int, port: int, results, environ: dict, args, kwargs) -> None:

@@ -27,7 +27,7 @@ from moepp_megatron.checkpoint.checkpointer import (
 )
 from moepp_megatron.config.loader import from_dict
 from moepp_megatron.config.schema import CheckpointConfig, ParallelConfig, RunConfig
-from moepp_megatron.parallel.initialize import free_port
+from moepp_megatron.parallel.ports import free_port
 
 _ITER_DIR = re.compile(r"iter_(\d{7})")
 CONFIG_FILE = "config.yaml"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -21,14 +20,9 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from moepp_megatron.compat.cpu import cpu_mode_requested, enable_cpu_mode
 from moepp_megatron.compat.megatron_internals import destroy_model_parallel_groups
 from moepp_megatron.parallel.layout import NoCudaError, check_sizes
+from moepp_megatron.parallel.ports import free_port
 
 __all__ = ["initialize_parallel", "destroy_parallel"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_int(name: str, default: int | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 from moepp_megatron.bench.records import write_record
 from moepp_megatron.config.loader import load_config
 from moepp_megatron.config.packaged import find_config
-from moepp_megatron.parallel.initialize import free_port
+from moepp_megatron.parallel.ports import free_port
 from moepp_megatron.study.config import StudyConfig
 from moepp_megatron.study.corpus import Corpus, build_corpus
 from moepp_megatron.training.metrics import read_metrics
