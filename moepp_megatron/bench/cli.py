@@ -126,6 +126,10 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "results_dir"}
 
 
+def _save(benchmark: str, device, config: dict, results: list[dict], args: argparse.Namespace) -> None:
+    print(f"wrote {write_record(benchmark, device, config, results, args.results_dir)}")
+
+
 def run_all(args: argparse.Namespace) -> None:
     shared = ["--results-dir", str(args.results_dir), "--set", *args.overrides]
     timing = ["--device", args.device, "--threads", str(args.threads)]
@@ -153,9 +157,7 @@ def main(argv=None) -> None:
     from moepp_megatron.bench.measure import clock_name, resolve_device
 
     if args.command == "startup":
-        results = startup.bench(args.repeats)
-        path = write_record("startup", torch.device("cpu"), {"repeats": args.repeats}, results, args.results_dir)
-        print(f"wrote {path}")
+        _save("startup", torch.device("cpu"), {"repeats": args.repeats}, startup.bench(args.repeats), args)
         return
     device = resolve_device(getattr(args, "device", "cpu"))
     gpu = device.type == "cuda"
@@ -172,8 +174,7 @@ def main(argv=None) -> None:
                               args.warmup, args.repeats)
         config = {**_config(args), "clock": clock_name(device),
                   "resolved_models": {row["run"]: row["model"] for row in results}}
-        path = write_record("costs", device, config, results, args.results_dir)
-        print(f"wrote {path}")
+        _save("costs", device, config, results, args)
         return
     models = [args.model] if hasattr(args, "model") else args.models
     config = _config(args)
@@ -203,5 +204,4 @@ def main(argv=None) -> None:
             args.model, methods, device.type, args.threads, args.micro_batch, args.microbatches,
             args.warmup, args.repeats, args.routing,
         )
-    path = write_record(args.command, device, config, results, args.results_dir)
-    print(f"wrote {path}")
+    _save(args.command, device, config, results, args)

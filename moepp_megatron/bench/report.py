@@ -178,26 +178,24 @@ def render_paper_runs(results_dir: Path) -> str:
     from moepp_megatron.config.loader import load_config
     from moepp_megatron.model import size
     from moepp_megatron.model.hardware import find_gpu
-    from moepp_megatron.training.plan import batch_geometry, estimate_run_step, run_memory
+    from moepp_megatron.training.plan import batch_geometry, estimate_run_step, run_layout, run_memory, run_rate
 
     gpu, costs = find_gpu(PAPER_GPU), records_of("costs", results_dir)
     rows = []
     for name, run in PAPER_RUNS.items():
         config = load_config(run.configs, run.overrides)
-        p = config.parallel
-        data_parallel = PAPER_WORLD_SIZE // (p.tensor * p.pipeline)
-        g = batch_geometry(config, data_parallel)
-        layout = f"PP {p.pipeline} x DP {data_parallel}, EP {p.expert}"
-        cells = [run.label, f"`{name}`", layout, f"{g.num_microbatches} x {g.micro_batch_size}",
+        layout = run_layout(config, PAPER_WORLD_SIZE)
+        g = batch_geometry(config, layout.data)
+        cells = [run.label, f"`{name}`", f"PP {layout.pipeline} x DP {layout.data}, EP {layout.expert}",
+                 f"{g.num_microbatches} x {g.micro_batch_size}",
                  size.format_bytes(run_memory(config, PAPER_WORLD_SIZE, g).total)]
         estimate = estimate_run_step(config, PAPER_WORLD_SIZE, g, gpu, costs)
         if isinstance(estimate, str):
             cells += ["not measured"] * 3
         else:
             step, _ = estimate
-            tokens = g.global_batch_size * g.seq_length
-            cells += [f"{step.total_s:.2f}", size.format_count(tokens / step.total_s),
-                      f"{step.total_s * g.train_iters / 86400:.1f}"]
+            tokens_per_s, days = run_rate(step, g)
+            cells += [f"{step.total_s:.2f}", size.format_count(tokens_per_s), f"{days:.1f}"]
         rows.append(cells)
     header = ["run", "paper_runs.sh", "layout (32 GPUs)", "micro-batches per step", "memory per GPU",
               f"step s ({PAPER_GPU})", "tokens/s", "days"]

@@ -140,7 +140,7 @@ def plan_run(config: RunConfig, world_size: int) -> RunPlan:
     :class:`ConfigError` (or the data / device errors) naming what to change."""
     config = resolve(config)
     # Cheapest first: a mistake in the arithmetic is reported before torch is imported.
-    layout = _layout(config, world_size)
+    layout = run_layout(config, world_size)
     geometry = batch_geometry(config, layout.data)
     check_schedule(config.optim, geometry.train_iters)
     _check_device(config)
@@ -181,7 +181,8 @@ def _check_device(config: RunConfig) -> None:
         raise NoCudaError()
 
 
-def _layout(config: RunConfig, world_size: int) -> Layout:
+def run_layout(config: RunConfig, world_size: int) -> Layout:
+    """The process groups' sizes of the run on ``world_size`` processes; ConfigError if it does not fit."""
     from moepp_megatron.parallel.layout import check_sizes
 
     p, moe = config.parallel, config.model.moe
@@ -361,6 +362,11 @@ def estimate_run_step(config: RunConfig, world_size: int, geometry: BatchGeometr
     return step, f"per-layer costs measured on {costs.measured_on.name} ({source})"
 
 
+def run_rate(step: StepTime, geometry: BatchGeometry) -> tuple[float, float]:
+    """Tokens per second at ``step``'s pace, and days for the whole run."""
+    return geometry.global_batch_size * geometry.seq_length / step.total_s, step.total_s * geometry.train_iters / 86400
+
+
 def describe_step_time(plan: RunPlan, target: GPU, costs_records: list[dict]) -> str:
     """``--dry-run``'s step-time line."""
     g = plan.geometry
@@ -368,8 +374,7 @@ def describe_step_time(plan: RunPlan, target: GPU, costs_records: list[dict]) ->
     if isinstance(estimate, str):
         return f"step time  not estimated: {estimate}"
     step, source = estimate
-    tokens_per_s = g.global_batch_size * g.seq_length / step.total_s
-    days = step.total_s * g.train_iters / 86400
+    tokens_per_s, days = run_rate(step, g)
     hidden = f", {step.data_parallel_s - step.data_parallel_exposed_s:.3f} overlapped" if step.data_parallel_s else ""
     return "\n".join([
         f"step time  ~{step.total_s:.2f} s on {plan.layout.world_size} x {target.name}: compute {step.compute_s:.3f} "
